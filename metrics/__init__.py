@@ -1,0 +1,1 @@
+"""Video quality metrics (PSNR, SSIM, temporal and tensor metrics) and score tables."""

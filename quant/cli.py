@@ -1,0 +1,186 @@
+"""The ``quant-audit`` command line.
+
+Exit codes (DESIGN.md): 0 ran and every check passed; 1 ran and a check failed; 2 bad input or
+usage (one line on stderr naming the file, field or value); 3 an unexpected internal error.
+
+Example::
+
+    quant-audit export --model wan2.2-t2v-tiny --out runs/r1
+    quant-audit generate --model wan2.2-t2v-tiny --variant onnx --out runs/r1 --seeds 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from quant.errors import CheckFailed, UserError  # noqa: E402
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as a one-line UserError (exit 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        sub = self.prog.partition(" ")[2]
+        raise UserError(f"{sub}: {message}" if sub else message)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from quant.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name or checkpoint folder (default {DEFAULT_MODEL})")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+
+
+def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    from quant.settings import GenerationSettings as G
+
+    g = p.add_argument_group("generation settings")
+    g.add_argument("--height", type=int, default=G.height)
+    g.add_argument("--width", type=int, default=G.width)
+    g.add_argument("--frames", type=int, default=G.num_frames, dest="num_frames")
+    g.add_argument("--steps", type=int, default=G.num_inference_steps, dest="num_inference_steps")
+    g.add_argument("--guidance", type=float, default=G.guidance_scale, dest="guidance_scale")
+    g.add_argument("--max-seq-len", type=int, default=G.max_sequence_length, dest="max_sequence_length")
+
+
+def _settings(args):
+    from quant.settings import GenerationSettings
+
+    return GenerationSettings(**{k: getattr(args, k) for k in GenerationSettings.field_names() if hasattr(args, k)})
+
+
+def _prompts(args) -> list[str]:
+    from quant.prompts import DEFAULT_EVAL_PROMPTS, read_prompts
+
+    return read_prompts(args.prompts or DEFAULT_EVAL_PROMPTS)
+
+
+def cmd_export(args) -> int:
+    from quant.export import ExportOptions
+    from quant.export_stage import export_pipeline
+    from quant.models import load_model
+    from reports.console import parity_table
+
+    settings, prompts = _settings(args), _prompts(args)
+    options = ExportOptions(opset=args.opset, force_external_data=args.external_data,
+                            dynamic_batch=not args.static_batch, simplify=args.simplify)
+    model = load_model(args.model)
+    report = export_pipeline(model, settings, args.out, prompts, seed=args.seed, options=options)
+    parity_path = args.out / "parity.json"
+    print(parity_table(json.loads(parity_path.read_text())))
+    print(f"wrote {parity_path} and {args.out / 'onnx' / 'fp32'}")
+    if report.failed:
+        worst = {p.module: p.rel_l2 for p in report.parity if not p.passed}
+        detail = ", ".join(f"{m} (rel-L2 {v:.3g})" for m, v in worst.items())
+        raise CheckFailed(f"export parity failed for {detail}; threshold {report.parity[0].threshold:g}")
+    return EXIT_OK
+
+
+def _psnr_against_reference(root: Path, variant: str, records) -> str | None:
+    from metrics.psnr import CAP_DB, psnr_frames
+    from quant.generate import video_dir
+    from quant.video_io import load_frames
+    from reports.console import psnr_table
+
+    reference_dir = video_dir(root, "torch")
+    if variant == "torch" or not reference_dir.is_dir():
+        return None
+    rows = {}
+    for record in records:
+        ref_path = reference_dir / record.file
+        if ref_path.is_file():
+            rows[record.file] = psnr_frames(load_frames(ref_path), load_frames(video_dir(root, variant) / record.file)).tolist()
+    return psnr_table(f"PSNR of '{variant}' against 'torch' per frame", rows, CAP_DB) if rows else None
+
+
+def cmd_generate(args) -> int:
+    from quant.generate import generate_variant, video_dir
+    from quant.models import load_model
+    from quant.modules import present_modules
+    from quant.prompts import parse_seeds
+    from quant.variants import parse_variant
+
+    settings, prompts, seeds = _settings(args), _prompts(args), parse_seeds(args.seeds)
+    model = load_model(args.model)
+    variant = parse_variant(args.variant, present_modules(model.pipe))
+    records = generate_variant(model, variant, prompts, seeds, settings, args.out, fps=args.fps)
+    table = _psnr_against_reference(args.out, variant.name, records)
+    if table:
+        print(table)
+    bad = [r.file for r in records if r.nonfinite]
+    print(f"wrote {len(records)} videos to {video_dir(args.out, variant.name)}")
+    if bad:
+        raise CheckFailed(f"variant '{variant.name}' produced NaN/Inf pixels in {', '.join(bad)}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="quant-audit", description="Audit what quantization does to a text-to-video pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("export", help="PyTorch modules -> FP32 ONNX, with a parity check against PyTorch")
+    _add_model_args(p)
+    _add_settings_args(p)
+    p.add_argument("--prompts", type=Path, help="prompts whose generation supplies parity inputs (default eval.txt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--external-data", action="store_true", help="always save weights as external data")
+    p.add_argument("--static-batch", action="store_true", help="do not try a dynamic batch axis")
+    p.add_argument("--simplify", action="store_true", help="simplify with onnxslim, kept only if parity holds")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="fixed-seed videos for one variant")
+    _add_model_args(p)
+    _add_settings_args(p)
+    p.add_argument("--variant", default="torch", help="torch, onnx, <recipe> or <recipe>@<module>")
+    p.add_argument("--prompts", type=Path, help="prompt file, one per line (default calibration_data/prompts/eval.txt)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--fps", type=int, default=8, help="frame rate of the .webp preview")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers"):
+        try:
+            module = __import__(f"{name}.utils.logging", fromlist=["set_verbosity_error"])
+            module.set_verbosity_error()
+        except ImportError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    try:
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
+        return args.func(args)
+    except UserError as exc:
+        print(f"quant-audit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckFailed as exc:
+        print(f"quant-audit: FAILED: {exc}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    except KeyboardInterrupt:
+        print("quant-audit: interrupted; finished files are kept", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - the last line of defence: a bug, reported with its traceback
+        traceback.print_exc()
+        print("quant-audit: internal error (exit 3); please report it with the traceback above", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Versions and machine facts every run records, so a number can be traced to what made it.
+
+Example::
+
+    versions()["onnxruntime"]   # "1.31.1"
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+
+_PACKAGES = ("quant-audit", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript",
+             "onnxslim", "numpy", "scikit-image")
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages whose code produces our numbers."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out

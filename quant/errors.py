@@ -1,0 +1,19 @@
+"""The two exceptions the command line turns into exit codes.
+
+``UserError`` is bad input (exit 2): its message is one line that names the file, field or
+value and, where possible, says what is allowed. ``CheckFailed`` is a check that ran and failed
+(exit 1), such as an ONNX export whose parity is out of tolerance. Anything else is a bug
+(exit 3).
+
+Example::
+
+    raise UserError(f"{path}: prompt file is empty (one prompt per line)")
+"""
+
+
+class UserError(Exception):
+    """Bad input or usage; printed as one line, exit code 2."""
+
+
+class CheckFailed(Exception):
+    """A check ran and failed (parity, gate, regression); exit code 1."""

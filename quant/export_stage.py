@@ -1,0 +1,142 @@
+"""The export stage: capture real inputs, export every module, prove parity, write the record.
+
+1. Generate with the FP32 PyTorch pipeline and record each module's inputs (``quant.capture``).
+2. Export each module to ``<out>/onnx/fp32/<module>.onnx`` (``quant.export``).
+3. Compare each ONNX module with its PyTorch module on the recorded inputs (``quant.parity``);
+   with ``simplify``, simplify and keep the result only if parity still holds.
+4. Write ``<out>/parity.json`` and ``<out>/onnx/fp32/manifest.json`` (model fingerprint and
+   shape, so later stages refuse models from another model or size).
+
+Example::
+
+    report = export_pipeline(model, settings, Path("runs/r1"), prompts=["a red kite"])
+    [p.module for p in report.parity if not p.passed]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from quant.adapters import torch_module
+from quant.capture import Sample, SampleList, record_inputs
+from quant.environment import versions
+from quant.export import ExportOptions, ExportRecord, batch_of_two, export_module, onnx_size_bytes, simplify_onnx
+from quant.io_utils import atomic_write_json, sha256_file
+from quant.models import LoadedModel
+from quant.modules import MODULE_IO, present_modules
+from quant.ort_modules import open_session
+from quant.parity import PARITY_THRESHOLD, Parity, measure_parity
+from quant.pipeline import MANIFEST, generate_video, shape_key
+from quant.settings import GenerationSettings
+from quant.variants import onnx_dir, onnx_path
+
+SCHEMA_VERSION = 1
+PARITY_SAMPLES = 4
+
+
+@dataclass
+class ExportReport:
+    """Per-module export records and parity, in pipeline order."""
+
+    records: list[ExportRecord] = field(default_factory=list)
+    parity: list[Parity] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [p.module for p in self.parity if not p.passed]
+
+
+def spread(samples: list[Sample], k: int) -> list[Sample]:
+    """``k`` samples evenly spaced over the recording (a DiT's inputs move with the timestep)."""
+    if len(samples) <= k:
+        return list(samples)
+    step = (len(samples) - 1) / (k - 1) if k > 1 else 0
+    return [samples[round(i * step)] for i in range(k)]
+
+
+def capture_inputs(model: LoadedModel, settings: GenerationSettings, prompts: list[str], seed: int) -> SampleList:
+    """Record every module call of FP32 PyTorch generations of ``prompts`` (at most two) with ``seed``."""
+    recorded = SampleList(per_module=10_000)
+    with record_inputs(model.pipe, recorded):
+        for prompt in prompts[:2]:
+            generate_video(model.pipe, prompt, seed, settings)
+    return recorded
+
+
+def _export_one(model, module, samples, root, options, progress) -> tuple[ExportRecord, Parity]:
+    dest = onnx_path(root, "onnx", module)
+    inputs = [s.inputs for s in samples]
+    progress.set_postfix_str(f"{module}: export")
+    record = export_module(model.pipe, module, batch_of_two(inputs), dest, options)
+    adapter = torch_module(model.pipe, module)
+    progress.set_postfix_str(f"{module}: parity")
+    parity = measure_parity(module, adapter, open_session(dest), inputs)
+    if options.simplify and parity.passed:
+        progress.set_postfix_str(f"{module}: simplify")
+        checked: dict[str, Parity] = {}
+
+        def verify(candidate: Path) -> bool:
+            checked["p"] = measure_parity(module, adapter, open_session(candidate), inputs)
+            return checked["p"].passed
+
+        record.simplified = simplify_onnx(dest, record.external_data, verify)
+        if record.simplified:
+            parity = checked["p"]
+            record.size_bytes = onnx_size_bytes(dest)
+        else:
+            record.simplify_note = f"simplified graph rejected: rel-L2 {checked['p'].rel_l2:.3g}"
+    return record, parity
+
+
+def _write_records(model, settings, root, report, prompts, seed, options) -> None:
+    modules = {}
+    for record, parity in zip(report.records, report.parity):
+        modules[record.module] = {**parity.to_dict(), "export": {**record.to_dict(), "path": Path(record.path).name}}
+    parity_doc = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"name": model.name, "source": model.source, "fingerprint": model.fingerprint},
+        "settings": settings.to_dict(),
+        "capture": {"prompts": prompts[:2], "seed": seed, "samples_per_module": PARITY_SAMPLES},
+        "threshold": PARITY_THRESHOLD,
+        "metric": "worst per-call relative L2 (||onnx-torch||/||torch||) and max-abs over captured calls",
+        "options": {"opset": options.opset, "force_external_data": options.force_external_data,
+                    "dynamic_batch": options.dynamic_batch, "simplify": options.simplify},
+        "versions": versions(),
+        "passed": not report.failed,
+        "modules": modules,
+    }
+    atomic_write_json(root / "parity.json", parity_doc)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "recipe": "onnx",
+        "model": parity_doc["model"],
+        "shape": shape_key(settings),
+        "modules": {r.module: {"file": Path(r.path).name, "sha256": sha256_file(Path(r.path)),
+                               "inputs": list(MODULE_IO[r.module].inputs),
+                               "outputs": list(MODULE_IO[r.module].outputs),
+                               "parity_passed": p.passed}
+                    for r, p in zip(report.records, report.parity)},
+    }
+    atomic_write_json(onnx_dir(root, "onnx") / MANIFEST, manifest)
+
+
+def export_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path, prompts: list[str],
+                    seed: int = 0, options: ExportOptions = ExportOptions(),
+                    modules: list[str] | None = None, show_progress: bool = True) -> ExportReport:
+    """Export and parity-check every module (or ``modules``) of ``model``; see the module doc."""
+    settings.check_for(model.pipe)
+    root = Path(root)
+    names = modules or present_modules(model.pipe)
+    recorded = capture_inputs(model, settings, prompts, seed)
+    report = ExportReport()
+    with tqdm(names, desc="export", unit="module", disable=not show_progress) as progress:
+        for module in progress:
+            record, parity = _export_one(model, module, spread(recorded[module], PARITY_SAMPLES), root, options,
+                                         progress)
+            report.records.append(record)
+            report.parity.append(parity)
+    _write_records(model, settings, root, report, prompts, seed, options)
+    return report

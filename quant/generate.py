@@ -1,0 +1,81 @@
+"""The generate stage: fixed-seed videos for one variant.
+
+Writes ``<out>/videos/<variant>/<prompt_id>_s<seed>.npz`` (``frames`` uint8 (F, H, W, 3), plus
+the prompt, seed and variant), an animated ``.webp`` beside each, and ``manifest.json`` with the
+model fingerprint, settings, module recipes and a SHA-256 of each video's frames (same
+frames, same hash: two runs can be compared at a glance). The manifest is rewritten
+after every video, so an interrupted run keeps what it finished.
+
+Example::
+
+    records = generate_variant(model, parse_variant("onnx", mods), prompts, [0, 1], settings, Path("runs/r1"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from quant.environment import versions
+from quant.io_utils import atomic_write_json
+from quant.models import LoadedModel
+from quant.pipeline import assemble, generate_video
+from quant.prompts import prompt_id
+from quant.settings import GenerationSettings
+from quant.variants import Variant
+from quant.video_io import save_npz, save_webp
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class VideoRecord:
+    """One generated video file and how it was made."""
+
+    file: str
+    prompt_id: str
+    prompt: str
+    seed: int
+    frames: int
+    nonfinite: bool
+    frames_sha256: str
+
+
+def video_dir(root: Path, variant: str) -> Path:
+    return Path(root) / "videos" / variant
+
+
+def _manifest(model: LoadedModel, variant: Variant, settings: GenerationSettings, records: list[VideoRecord]) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "variant": variant.name,
+        "modules": variant.modules,
+        "model": {"name": model.name, "source": model.source, "fingerprint": model.fingerprint},
+        "settings": settings.to_dict(),
+        "versions": versions(),
+        "videos": [asdict(r) for r in records],
+    }
+
+
+def generate_variant(model: LoadedModel, variant: Variant, prompts: list[str], seeds: list[int],
+                     settings: GenerationSettings, root: Path, fps: int = 8,
+                     show_progress: bool = True) -> list[VideoRecord]:
+    """Generate every (prompt, seed) with ``variant`` and write the files described above."""
+    settings.check_for(model.pipe)
+    pipe = assemble(model, variant, root, settings)
+    folder = video_dir(root, variant.name)
+    records: list[VideoRecord] = []
+    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
+    for index, prompt, seed in tqdm(jobs, desc=f"generate {variant.name}", unit="video", disable=not show_progress):
+        video = generate_video(pipe, prompt, seed, settings)
+        name = f"{prompt_id(index)}_s{seed}"
+        path = folder / f"{name}.npz"
+        save_npz(path, video.frames, prompt=prompt, seed=seed, variant=variant.name, nonfinite=video.nonfinite)
+        save_webp(folder / f"{name}.webp", video.frames, fps=fps)
+        records.append(VideoRecord(path.name, prompt_id(index), prompt, seed, int(video.frames.shape[0]),
+                                   video.nonfinite, hashlib.sha256(video.frames.tobytes()).hexdigest()))
+        atomic_write_json(folder / "manifest.json", _manifest(model, variant, settings, records))
+    return records

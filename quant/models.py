@@ -1,0 +1,255 @@
+"""Pipelines the suite loads: built-in tiny Wan2.2 pipelines and local diffusers checkpoints.
+
+``wan2.2-t2v-tiny`` has Wan2.2-T2V-A14B's shape (two ``WanTransformer3DModel`` experts switched
+at boundary ratio 0.875, a UMT5 text encoder, the Wan 2.1 VAE, a flow-matching UniPC
+scheduler); ``wan2.2-ti2v-tiny`` has TI2V-5B's (one transformer, VAE 2.2 with 4x16x16
+compression and ``is_residual``, ``expand_timesteps``). Both are built in code at tiny width
+with seeded weights and a byte-level tokenizer, so nothing is downloaded. A folder written by
+``WanPipeline.save_pretrained`` loads through ``load_model`` too.
+
+Example::
+
+    model = load_model("wan2.2-t2v-tiny")
+    model.pipe("a red kite", num_inference_steps=8, ...)
+    model.fingerprint   # "sha256:..." over every weight and config
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from quant.errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
+
+DEFAULT_MODEL = "wan2.2-t2v-tiny"
+_TEXT_DIM = 32
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline with the facts a run records about it.
+
+    Attributes:
+        name: the built-in name, or the folder path as given.
+        source: ``"builtin"`` or the resolved folder path.
+        pipe: the ``diffusers.WanPipeline`` (FP32, CPU, eval mode).
+        fingerprint: ``sha256:<hex>`` over configs, tokenizer and every weight.
+    """
+
+    name: str
+    source: str
+    pipe: object
+    fingerprint: str
+
+
+def build_tokenizer():
+    """A byte-level tokenizer built in code (T5 conventions: pad=0, eos=1, unk=2, eos appended).
+
+    Every UTF-8 byte has a token, so any prompt tokenizes without a learned vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a module with weights drawn from ``seed`` (independent of the global RNG state)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def _text_encoder(vocab_size: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size, d_model=_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32,
+    )
+    model = UMT5EncoderModel(config)
+    # Eager attention: the SDPA path of UMT5 does not survive ONNX decomposition (a view of a
+    # transposed tensor); eager is the same math.
+    model.set_attn_implementation("eager")
+    return model
+
+
+def _transformer(channels: int):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels,
+        out_channels=channels, text_dim=_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+
+
+def _scheduler(flow_shift: float):
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift, num_train_timesteps=1000,
+    )
+
+
+def build_t2v_tiny():
+    """Wan2.2-T2V-A14B's shape at tiny width: two experts, boundary 0.875, Wan 2.1 VAE."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    tokenizer = build_tokenizer()
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_seeded(1, lambda: _text_encoder(len(tokenizer))),
+        vae=_seeded(2, lambda: AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        )),
+        scheduler=_scheduler(flow_shift=3.0),
+        transformer=_seeded(3, lambda: _transformer(16)),
+        transformer_2=_seeded(4, lambda: _transformer(16)),
+        boundary_ratio=0.875,
+    )
+
+
+def build_ti2v_tiny():
+    """TI2V-5B's shape at tiny width: one transformer, VAE 2.2 (z 48, patch 2, residual), expand_timesteps."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    tokenizer = build_tokenizer()
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_seeded(1, lambda: _text_encoder(len(tokenizer))),
+        vae=_seeded(2, lambda: AutoencoderKLWan(
+            base_dim=8, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+            dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+        )),
+        scheduler=_scheduler(flow_shift=5.0),
+        transformer=_seeded(3, lambda: _transformer(48)),
+        transformer_2=None,
+        boundary_ratio=None,
+        expand_timesteps=True,
+    )
+
+
+BUILTIN_MODELS: dict[str, Callable[[], object]] = {
+    "wan2.2-t2v-tiny": build_t2v_tiny,
+    "wan2.2-ti2v-tiny": build_ti2v_tiny,
+}
+_REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")
+
+
+def check_checkpoint_folder(folder: Path) -> dict:
+    """Validate that ``folder`` is a ``WanPipeline`` checkpoint; return its ``model_index.json``.
+
+    Raises:
+        UserError: no model_index.json, another pipeline class, or a missing component folder.
+    """
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise UserError(f"{folder}: not a diffusers checkpoint folder (no model_index.json)")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{index_path}: unreadable model index ({exc})") from None
+    if not isinstance(index, dict) or index.get("_class_name") != "WanPipeline":
+        found = index.get("_class_name") if isinstance(index, dict) else None
+        raise UserError(f"{index_path}: _class_name is {found!r}, expected 'WanPipeline'")
+    for component in _REQUIRED_COMPONENTS + ("transformer_2",):
+        entry = index.get(component)
+        listed = isinstance(entry, list) and entry and entry[0] is not None
+        if component in _REQUIRED_COMPONENTS and not listed:
+            raise UserError(f"{folder}: WanPipeline checkpoint is missing component '{component}' in model_index.json")
+        if listed and not (folder / component).is_dir():
+            raise UserError(f"{folder}: WanPipeline checkpoint is missing component '{component}' (no folder {folder / component})")
+    return index
+
+
+def _load_folder(folder: Path):
+    from diffusers import WanPipeline
+
+    check_checkpoint_folder(folder)
+    try:
+        pipe = WanPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad checkpoint, reported in one line
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{folder}: cannot load WanPipeline checkpoint: {first_line}") from None
+    if hasattr(pipe.text_encoder, "set_attn_implementation"):
+        pipe.text_encoder.set_attn_implementation("eager")  # exportable; see _text_encoder
+    return pipe
+
+
+def load_model(name_or_path: str) -> LoadedModel:
+    """Load a built-in tiny pipeline by name, or a ``WanPipeline`` checkpoint folder by path.
+
+    Raises:
+        UserError: an unknown name, or a folder that is not a loadable WanPipeline checkpoint.
+    """
+    if name_or_path in BUILTIN_MODELS:
+        pipe, source = BUILTIN_MODELS[name_or_path](), "builtin"
+    else:
+        folder = Path(name_or_path).expanduser()
+        if not folder.exists():
+            names = ", ".join(BUILTIN_MODELS)
+            raise UserError(f"unknown model '{name_or_path}': not a built-in name ({names}) nor an existing folder")
+        if not folder.is_dir():
+            raise UserError(f"{folder}: a model must be a built-in name or a checkpoint folder, not a file")
+        pipe, source = _load_folder(folder), str(folder.resolve())
+    for module in (pipe.text_encoder, pipe.transformer, pipe.transformer_2, pipe.vae):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(name=name_or_path, source=source, pipe=pipe, fingerprint=fingerprint(pipe))
+
+
+def _component_hash(digest, name: str, module: torch.nn.Module) -> None:
+    config = getattr(module, "config", None)
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    digest.update(f"{name}:{_config_json(config_dict)}".encode())
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+_BOOKKEEPING = frozenset({"transformers_version", "architectures", "dtype", "torch_dtype"})
+
+
+def _config_json(config: dict) -> str:
+    """Canonical JSON of a config without private keys (``_use_default_values`` is built from a
+    set, so its order changes between processes) and bookkeeping that ``save_pretrained`` fills
+    in (``architectures``, ``dtype``: weight dtypes are hashed with the weights)."""
+    public = {k: v for k, v in dict(config).items() if not k.startswith("_") and k not in _BOOKKEEPING}
+    return json.dumps(public, sort_keys=True, default=str)
+
+
+def fingerprint(pipe) -> str:
+    """A content hash of the pipeline: component configs, tokenizer, scheduler and all weights.
+
+    Two pipelines with the same fingerprint generate the same videos for the same settings.
+    """
+    digest = hashlib.sha256()
+    for name in ("text_encoder", "transformer", "transformer_2", "vae"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            _component_hash(digest, name, module)
+    tokenizer = pipe.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    digest.update(_config_json(pipe.scheduler.config).encode())
+    digest.update(_config_json(pipe.config).encode())
+    return "sha256:" + digest.hexdigest()[:16]

@@ -1,0 +1,133 @@
+"""ONNX Runtime stand-ins for pipeline modules, so the diffusers sampling loop runs unchanged.
+
+Each stand-in is a ``torch.nn.Module`` with the face ``WanPipeline`` expects of the module it
+replaces (``config``, ``dtype``, ``device``, the call signature, the return type) and an
+``onnxruntime.InferenceSession`` inside. A variant therefore differs from the reference only
+in module numerics: same tokenizer, scheduler, noise and loop.
+
+Stand-ins count non-finite outputs (``nonfinite_calls``) so a variant whose module overflows
+is reported as failing, not crashed.
+
+Example::
+
+    session = open_session(Path("out/onnx/fp32/transformer.onnx"))
+    pipe.transformer = OrtTransformer(session, pipe.transformer.config)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from quant.errors import UserError
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+}
+
+
+def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    """An ``InferenceSession`` on the CPU for ``path``.
+
+    Raises:
+        UserError: the file is missing, truncated or not an ONNX model ORT can load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: ONNX model not found")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises several types for a bad file
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a loadable ONNX model ({message[:300]})") from None
+
+
+def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run ``session`` with inputs cast to the dtypes the graph declares."""
+    cast = {}
+    for spec in session.get_inputs():
+        value = np.asarray(feeds[spec.name])
+        cast[spec.name] = value.astype(_ORT_TO_NUMPY.get(spec.type, value.dtype), copy=False)
+    return session.run(None, cast)
+
+
+class OrtModule(torch.nn.Module):
+    """Base of the stand-ins: one session, the replaced module's ``config``, CPU/FP32 face."""
+
+    def __init__(self, session: ort.InferenceSession, config, path: str = ""):
+        super().__init__()
+        self.session = session
+        self.config = config
+        self.onnx_path = path
+        self.calls = 0
+        self.nonfinite_calls = 0
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def run(self, **feeds: torch.Tensor) -> torch.Tensor:
+        arrays = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
+        out = run_session(self.session, arrays)[0]
+        self.calls += 1
+        if not np.isfinite(out).all():
+            self.nonfinite_calls += 1
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+
+
+class OrtTextEncoder(OrtModule):
+    """Stands in for ``UMT5EncoderModel``: ``(input_ids, attention_mask) -> .last_hidden_state``."""
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return BaseModelOutput(last_hidden_state=self.run(input_ids=input_ids, attention_mask=attention_mask))
+
+
+class OrtTransformer(OrtModule):
+    """Stands in for ``WanTransformer3DModel`` as ``WanPipeline`` calls it."""
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False, **_):
+        out = self.run(latent=hidden_states, timestep=timestep, text_emb=encoder_hidden_states)
+        return (out,)
+
+    @contextlib.contextmanager
+    def cache_context(self, *_args, **_kwargs):
+        yield  # the PyTorch model's feature-cache hook; ONNX graphs have no cache
+
+
+class OrtVaeDecoder(OrtModule):
+    """Stands in for ``AutoencoderKLWan`` where the pipeline decodes: ``decode(z) -> (video,)``."""
+
+    def decode(self, z, return_dict=True, **_):
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        video = self.run(latent=z)
+        return DecoderOutput(sample=video) if return_dict else (video,)
+
+    def forward(self, z):
+        return self.decode(z, return_dict=False)[0]
+
+
+STAND_INS = {
+    "text_encoder": OrtTextEncoder,
+    "transformer": OrtTransformer,
+    "transformer_2": OrtTransformer,
+    "vae_decoder": OrtVaeDecoder,
+}

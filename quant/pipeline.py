@@ -1,0 +1,125 @@
+"""Assemble a variant's pipeline from PyTorch modules and ONNX stand-ins, and generate videos.
+
+The assembled pipeline is a new ``WanPipeline`` sharing the reference's tokenizer and a fresh
+copy of its scheduler, with each module either the PyTorch original (``torch``) or an ONNX
+Runtime stand-in (every other recipe). The sampling loop is diffusers' own, unchanged; the
+same (prompt, seed) draws the same initial noise on every variant.
+
+Example::
+
+    variant = parse_variant("onnx", present_modules(model.pipe))
+    pipe = assemble(model, variant, Path("runs/r1"), settings)
+    video = generate_video(pipe, "a red kite", seed=0, settings=settings)
+    video.frames.shape    # (17, 64, 64, 3) uint8
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quant.errors import UserError
+from quant.models import LoadedModel
+from quant.ort_modules import STAND_INS, open_session
+from quant.settings import GenerationSettings
+from quant.variants import RECIPES, Variant, onnx_path
+from quant.video_io import to_uint8
+
+MANIFEST = "manifest.json"
+# Exported graphs have static shapes in these settings (latent T/H/W, text length).
+SHAPE_SETTINGS = ("height", "width", "num_frames", "max_sequence_length")
+
+
+@dataclass
+class GeneratedVideo:
+    """One generated video.
+
+    Attributes:
+        frames: uint8 (F, H, W, 3), RGB.
+        nonfinite: True if the decoded video had NaN/Inf pixels (mapped to 0 in ``frames``).
+    """
+
+    frames: np.ndarray
+    nonfinite: bool
+
+
+def shape_key(settings: GenerationSettings) -> dict:
+    return {k: getattr(settings, k) for k in SHAPE_SETTINGS}
+
+
+def check_onnx_folder(root: Path, recipe: str, model: LoadedModel, settings: GenerationSettings) -> dict:
+    """Read ``<root>/onnx/<folder>/manifest.json`` and check it was made for this model and shape.
+
+    Raises:
+        UserError: no models there, another model's models, or another frame/text shape.
+    """
+    folder = Path(root) / "onnx" / RECIPES[recipe]
+    manifest_path = folder / MANIFEST
+    hint = "quant-audit export" if recipe == "onnx" else f"quant-audit quantize --recipe {recipe}"
+    if not manifest_path.is_file():
+        raise UserError(f"{manifest_path}: no '{recipe}' models here; run `{hint} --out {root}` first")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    found = manifest.get("model", {}).get("fingerprint")
+    if found != model.fingerprint:
+        raise UserError(
+            f"{manifest_path}: models were exported from fingerprint {found}, not {model.fingerprint} "
+            f"('{model.name}'); rerun `{hint}` for this model"
+        )
+    if manifest.get("shape") != shape_key(settings):
+        raise UserError(
+            f"{manifest_path}: models were exported for {manifest.get('shape')}, not {shape_key(settings)}; "
+            f"rerun `{hint}` with these settings"
+        )
+    return manifest
+
+
+def _stand_in(model: LoadedModel, module: str, path: Path):
+    original = model.pipe.vae if module == "vae_decoder" else getattr(model.pipe, module)
+    return STAND_INS[module](open_session(path), original.config, str(path))
+
+
+def assemble(model: LoadedModel, variant: Variant, root: Path, settings: GenerationSettings):
+    """A ``WanPipeline`` running ``variant``: PyTorch modules where the recipe is ``torch``,
+    ONNX stand-ins from ``<root>/onnx/...`` elsewhere."""
+    from diffusers import WanPipeline
+
+    ref = model.pipe
+    parts = {"text_encoder": ref.text_encoder, "transformer": ref.transformer,
+             "transformer_2": ref.transformer_2, "vae_decoder": ref.vae}
+    for recipe in sorted(set(variant.onnx_modules.values())):
+        check_onnx_folder(root, recipe, model, settings)
+    for module, recipe in variant.onnx_modules.items():
+        parts[module] = _stand_in(model, module, onnx_path(root, recipe, module))
+    pipe = WanPipeline(
+        tokenizer=ref.tokenizer, text_encoder=parts["text_encoder"], vae=parts["vae_decoder"],
+        scheduler=ref.scheduler.__class__.from_config(ref.scheduler.config),
+        transformer=parts["transformer"], transformer_2=parts["transformer_2"],
+        boundary_ratio=ref.config.boundary_ratio, expand_timesteps=ref.config.expand_timesteps,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate_video(pipe, prompt: str, seed: int, settings: GenerationSettings, callback=None) -> GeneratedVideo:
+    """Generate one video; the initial noise comes from a CPU generator seeded with ``seed``.
+
+    Args:
+        callback: diffusers ``callback_on_step_end(pipe, step, timestep, kwargs) -> dict``.
+    """
+    generator = torch.Generator("cpu").manual_seed(seed)
+    out = pipe(
+        prompt=prompt, negative_prompt=settings.negative_prompt, height=settings.height, width=settings.width,
+        num_frames=settings.num_frames, num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale, generator=generator,
+        max_sequence_length=settings.max_sequence_length, output_type="np", callback_on_step_end=callback,
+    )
+    frames = np.asarray(out.frames[0])
+    return GeneratedVideo(frames=to_uint8(frames), nonfinite=not bool(np.isfinite(frames).all()))

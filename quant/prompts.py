@@ -1,0 +1,61 @@
+"""Prompt files and seed lists: one prompt per line; blank lines and ``#`` comments are skipped.
+
+Example::
+
+    prompts = read_prompts(DEFAULT_EVAL_PROMPTS)
+    seeds = parse_seeds("0,1")      # [0, 1]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quant.errors import UserError
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "calibration_data" / "prompts"
+DEFAULT_EVAL_PROMPTS = PROMPTS_DIR / "eval.txt"
+MAX_SEED = 2**63 - 1
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts in ``path``, in file order.
+
+    Raises:
+        UserError: the file is missing, unreadable, not UTF-8, or holds no prompt.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: prompt file not found") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: prompt file is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read prompt file ({exc.strerror or exc})") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UserError(f"{path}: prompt file is empty (expected one prompt per line)")
+    return prompts
+
+
+def prompt_id(index: int) -> str:
+    """Stable id of the prompt at ``index`` in its file: ``p00``, ``p01``, ..."""
+    return f"p{index:02d}"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Parse ``"0,1,7"`` into ``[0, 1, 7]``.
+
+    Raises:
+        UserError: empty, non-integer, negative, too large or repeated seeds.
+    """
+    parts = [p.strip() for p in str(text).split(",")]
+    seeds = []
+    for part in parts:
+        if not part.isdigit() or int(part) > MAX_SEED:
+            raise UserError(f"--seeds: '{text}' is not a comma-separated list of integers in [0, 2**63-1] (bad: '{part}')")
+        seeds.append(int(part))
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds: '{text}' repeats a seed")
+    return seeds

@@ -1,0 +1,1 @@
+"""Rendering results for people: terminal tables now; the HTML report and history later."""

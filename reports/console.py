@@ -1,0 +1,44 @@
+"""Plain-text tables for the terminal: parity per module, PSNR per frame.
+
+Example::
+
+    print(parity_table(json.load(open("runs/r1/parity.json"))))
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _num(value, fmt: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def parity_table(parity: dict) -> str:
+    """The modules of a ``parity.json`` document: error, export time, batch axis, verdict."""
+    rows = []
+    for module, m in parity["modules"].items():
+        export = m.get("export", {})
+        rows.append([
+            module, _num(m["max_abs"], ".2e"), _num(m["rel_l2"], ".2e"), str(m["samples"]),
+            _num(export.get("seconds"), ".1f"), "dynamic" if export.get("dynamic_batch") else "static",
+            _num(export.get("size_bytes", 0) / 1e6, ".2f"), "pass" if m["passed"] else "FAIL",
+        ])
+    head = f"parity of ONNX vs PyTorch, {parity['model']['name']} ({parity['model']['fingerprint']}), threshold rel-L2 <= {parity['threshold']:g}"
+    return head + "\n" + _table(["module", "max_abs", "rel_l2", "calls", "export_s", "batch", "MB", "parity"], rows)
+
+
+def psnr_table(title: str, videos: dict[str, list[float]], cap_db: float) -> str:
+    """One row per video: the PSNR of every frame (``inf`` shown as ``>cap``), min and mean."""
+    rows = []
+    for name, values in videos.items():
+        shown = [f">{cap_db:g}" if math.isinf(v) else f"{v:.1f}" for v in values]
+        finite = [min(v, cap_db) for v in values]
+        rows.append([name, f"{min(finite):.1f}", f"{sum(finite) / len(finite):.1f}", " ".join(shown)])
+    return title + "\n" + _table(["video", "min_db", "mean_db", "per-frame PSNR (dB)"], rows)
