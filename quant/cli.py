@@ -74,7 +74,7 @@ def cmd_export(args) -> int:
     options = ExportOptions(opset=args.opset, force_external_data=args.external_data,
                             dynamic_batch=not args.static_batch, simplify=args.simplify)
     model = load_model(args.model)
-    report = export_pipeline(model, settings, args.out, prompts, seed=args.seed, options=options)
+    report = export_pipeline(model, settings, args.out, prompts, seed=args.seed, options=options, modules=args.module)
     parity_path = args.out / "parity.json"
     print(parity_table(json.loads(parity_path.read_text())))
     print(f"wrote {parity_path} and {args.out / 'onnx' / 'fp32'}")
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="always save weights as external data")
     p.add_argument("--static-batch", action="store_true", help="do not try a dynamic batch axis")
     p.add_argument("--simplify", action="store_true", help="simplify with onnxslim, kept only if parity holds")
+    p.add_argument("--module", action="append", help="export only this module (repeatable; default all)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="fixed-seed videos for one variant")

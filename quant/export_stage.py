@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from quant.environment import versions
 from quant.export import ExportOptions, ExportRecord, batch_of_two, export_module, onnx_size_bytes, simplify_onnx
 from quant.io_utils import atomic_write_json, sha256_file
 from quant.models import LoadedModel
-from quant.modules import MODULE_IO, present_modules
+from quant.modules import MODULE_IO, check_module_name, present_modules
 from quant.ort_modules import open_session
 from quant.parity import PARITY_THRESHOLD, Parity, measure_parity
 from quant.pipeline import MANIFEST, generate_video, shape_key
@@ -91,36 +92,46 @@ def _export_one(model, module, samples, root, options, progress) -> tuple[Export
     return record, parity
 
 
+def _previous(path: Path, model: LoadedModel, settings: GenerationSettings) -> dict:
+    """Module entries of an earlier record at ``path`` for the same model and shape, else {}.
+
+    Exporting a subset of modules (``--module``) keeps the other modules' entries.
+    """
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    same = doc.get("model", {}).get("fingerprint") == model.fingerprint and doc.get("shape") == shape_key(settings)
+    return dict(doc.get("modules", {})) if same and doc.get("schema_version") == SCHEMA_VERSION else {}
+
+
 def _write_records(model, settings, root, report, prompts, seed, options) -> None:
-    modules = {}
+    parity_path, manifest_path = root / "parity.json", onnx_dir(root, "onnx") / MANIFEST
+    modules = _previous(parity_path, model, settings)
     for record, parity in zip(report.records, report.parity):
         modules[record.module] = {**parity.to_dict(), "export": {**record.to_dict(), "path": Path(record.path).name}}
-    parity_doc = {
+    model_doc = {"name": model.name, "source": model.source, "fingerprint": model.fingerprint}
+    atomic_write_json(parity_path, {
         "schema_version": SCHEMA_VERSION,
-        "model": {"name": model.name, "source": model.source, "fingerprint": model.fingerprint},
+        "model": model_doc,
         "settings": settings.to_dict(),
+        "shape": shape_key(settings),
         "capture": {"prompts": prompts[:2], "seed": seed, "samples_per_module": PARITY_SAMPLES},
         "threshold": PARITY_THRESHOLD,
         "metric": "worst per-call relative L2 (||onnx-torch||/||torch||) and max-abs over captured calls",
         "options": {"opset": options.opset, "force_external_data": options.force_external_data,
                     "dynamic_batch": options.dynamic_batch, "simplify": options.simplify},
         "versions": versions(),
-        "passed": not report.failed,
+        "passed": all(m["passed"] for m in modules.values()),
         "modules": modules,
-    }
-    atomic_write_json(root / "parity.json", parity_doc)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "recipe": "onnx",
-        "model": parity_doc["model"],
-        "shape": shape_key(settings),
-        "modules": {r.module: {"file": Path(r.path).name, "sha256": sha256_file(Path(r.path)),
-                               "inputs": list(MODULE_IO[r.module].inputs),
-                               "outputs": list(MODULE_IO[r.module].outputs),
-                               "parity_passed": p.passed}
-                    for r, p in zip(report.records, report.parity)},
-    }
-    atomic_write_json(onnx_dir(root, "onnx") / MANIFEST, manifest)
+    })
+    entries = _previous(manifest_path, model, settings)
+    for r, p in zip(report.records, report.parity):
+        entries[r.module] = {"file": Path(r.path).name, "sha256": sha256_file(Path(r.path)),
+                             "inputs": list(MODULE_IO[r.module].inputs), "outputs": list(MODULE_IO[r.module].outputs),
+                             "parity_passed": p.passed}
+    atomic_write_json(manifest_path, {"schema_version": SCHEMA_VERSION, "recipe": "onnx", "model": model_doc,
+                                      "shape": shape_key(settings), "modules": entries})
 
 
 def export_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path, prompts: list[str],
@@ -129,7 +140,8 @@ def export_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path
     """Export and parity-check every module (or ``modules``) of ``model``; see the module doc."""
     settings.check_for(model.pipe)
     root = Path(root)
-    names = modules or present_modules(model.pipe)
+    available = present_modules(model.pipe)
+    names = [check_module_name(m, available) for m in modules] if modules else available
     recorded = capture_inputs(model, settings, prompts, seed)
     report = ExportReport()
     with tqdm(names, desc="export", unit="module", disable=not show_progress) as progress:

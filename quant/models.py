@@ -169,12 +169,13 @@ def check_checkpoint_folder(folder: Path) -> dict:
     if not isinstance(index, dict) or index.get("_class_name") != "WanPipeline":
         found = index.get("_class_name") if isinstance(index, dict) else None
         raise UserError(f"{index_path}: _class_name is {found!r}, expected 'WanPipeline'")
-    for component in _REQUIRED_COMPONENTS + ("transformer_2",):
-        entry = index.get(component)
-        listed = isinstance(entry, list) and entry and entry[0] is not None
-        if component in _REQUIRED_COMPONENTS and not listed:
+    listed = [c for c in _REQUIRED_COMPONENTS + ("transformer_2",)
+              if isinstance(index.get(c), list) and index[c] and index[c][0] is not None]
+    for component in _REQUIRED_COMPONENTS:
+        if component not in listed:
             raise UserError(f"{folder}: WanPipeline checkpoint is missing component '{component}' in model_index.json")
-        if listed and not (folder / component).is_dir():
+    for component in listed:
+        if not (folder / component).is_dir():
             raise UserError(f"{folder}: WanPipeline checkpoint is missing component '{component}' (no folder {folder / component})")
     return index
 

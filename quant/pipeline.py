@@ -47,8 +47,10 @@ class GeneratedVideo:
     nonfinite: bool
 
 
-def shape_key(settings: GenerationSettings) -> dict:
-    return {k: getattr(settings, k) for k in SHAPE_SETTINGS}
+def shape_key(settings: GenerationSettings | dict) -> dict:
+    """The settings an exported graph's static shapes depend on."""
+    get = settings.get if isinstance(settings, dict) else lambda k: getattr(settings, k)
+    return {k: get(k) for k in SHAPE_SETTINGS}
 
 
 def check_onnx_folder(root: Path, recipe: str, model: LoadedModel, settings: GenerationSettings) -> dict:
@@ -80,7 +82,9 @@ def check_onnx_folder(root: Path, recipe: str, model: LoadedModel, settings: Gen
     return manifest
 
 
-def _stand_in(model: LoadedModel, module: str, path: Path):
+def _stand_in(model: LoadedModel, module: str, path: Path, manifest: dict):
+    if module not in manifest.get("modules", {}):
+        raise UserError(f"{path.parent / MANIFEST}: no '{module}' model listed; export or quantize it first")
     original = model.pipe.vae if module == "vae_decoder" else getattr(model.pipe, module)
     return STAND_INS[module](open_session(path), original.config, str(path))
 
@@ -93,10 +97,9 @@ def assemble(model: LoadedModel, variant: Variant, root: Path, settings: Generat
     ref = model.pipe
     parts = {"text_encoder": ref.text_encoder, "transformer": ref.transformer,
              "transformer_2": ref.transformer_2, "vae_decoder": ref.vae}
-    for recipe in sorted(set(variant.onnx_modules.values())):
-        check_onnx_folder(root, recipe, model, settings)
+    manifests = {r: check_onnx_folder(root, r, model, settings) for r in sorted(set(variant.onnx_modules.values()))}
     for module, recipe in variant.onnx_modules.items():
-        parts[module] = _stand_in(model, module, onnx_path(root, recipe, module))
+        parts[module] = _stand_in(model, module, onnx_path(root, recipe, module), manifests[recipe])
     pipe = WanPipeline(
         tokenizer=ref.tokenizer, text_encoder=parts["text_encoder"], vae=parts["vae_decoder"],
         scheduler=ref.scheduler.__class__.from_config(ref.scheduler.config),

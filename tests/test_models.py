@@ -1,0 +1,99 @@
+"""Built-in tiny pipelines have the real models' shape; checkpoint folders load through one path."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PROMPTS, SMALL
+from quant.errors import UserError
+from quant.models import fingerprint, load_model
+from quant.pipeline import generate_video
+
+
+def test_t2v_tiny_has_the_a14b_shape(t2v):
+    pipe = t2v.pipe
+    assert type(pipe).__name__ == "WanPipeline"
+    assert type(pipe.text_encoder).__name__ == "UMT5EncoderModel"
+    assert type(pipe.transformer).__name__ == type(pipe.transformer_2).__name__ == "WanTransformer3DModel"
+    assert pipe.config.boundary_ratio == 0.875 and not pipe.config.expand_timesteps
+    assert pipe.vae.config.z_dim == 16 and pipe.vae_scale_factor_spatial == 8
+    pipe.scheduler.set_timesteps(SMALL.num_inference_steps)
+    boundary = 0.875 * pipe.scheduler.config.num_train_timesteps
+    high = (pipe.scheduler.timesteps >= boundary).sum().item()
+    assert 0 < high < SMALL.num_inference_steps  # both experts get steps
+
+
+def test_ti2v_tiny_has_the_5b_shape(ti2v):
+    pipe = ti2v.pipe
+    assert pipe.transformer_2 is None and pipe.config.boundary_ratio is None and pipe.config.expand_timesteps
+    vae = pipe.vae.config
+    assert (vae.z_dim, vae.patch_size, vae.is_residual, vae.scale_factor_spatial, vae.scale_factor_temporal) == (48, 2, True, 16, 4)
+    assert pipe.transformer.config.in_channels == 48
+
+
+def test_fingerprint_is_stable_and_sees_one_changed_weight():
+    a, b = load_model("wan2.2-t2v-tiny"), load_model("wan2.2-t2v-tiny")
+    assert a.fingerprint == b.fingerprint and a.fingerprint.startswith("sha256:")
+    with torch.no_grad():
+        b.pipe.transformer_2.proj_out.bias[0] += 1e-3
+    assert fingerprint(b.pipe) != a.fingerprint
+    assert load_model("wan2.2-ti2v-tiny").fingerprint != a.fingerprint
+
+
+@pytest.mark.parametrize("name", ["wan2.2-t2v-tiny", "wan2.2-ti2v-tiny"])
+def test_save_pretrained_round_trip_is_identical(name, tmp_path):
+    built = load_model(name)
+    built.pipe.save_pretrained(tmp_path / "ckpt")
+    loaded = load_model(str(tmp_path / "ckpt"))
+    assert loaded.fingerprint == built.fingerprint and loaded.source == str((tmp_path / "ckpt").resolve())
+    a = generate_video(built.pipe, PROMPTS[0], 0, SMALL).frames
+    b = generate_video(loaded.pipe, PROMPTS[0], 0, SMALL).frames
+    assert np.array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def saved_t2v(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt") / "t2v"
+    load_model("wan2.2-t2v-tiny").pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("component", ["transformer", "vae", "text_encoder", "tokenizer", "transformer_2"])
+def test_missing_component_is_named(saved_t2v, tmp_path, component):
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_t2v, broken)
+    shutil.rmtree(broken / component)
+    with pytest.raises(UserError, match=f"missing component '{component}'"):
+        load_model(str(broken))
+
+
+def test_folder_without_model_index_is_refused(tmp_path):
+    with pytest.raises(UserError, match="no model_index.json"):
+        load_model(str(tmp_path))
+
+
+def test_other_pipeline_class_is_refused(saved_t2v, tmp_path):
+    broken = tmp_path / "sd"
+    shutil.copytree(saved_t2v, broken)
+    index = (broken / "model_index.json").read_text().replace('"WanPipeline"', '"StableDiffusionPipeline"')
+    (broken / "model_index.json").write_text(index)
+    with pytest.raises(UserError, match="expected 'WanPipeline'"):
+        load_model(str(broken))
+
+
+def test_truncated_weights_are_a_user_error(saved_t2v, tmp_path):
+    broken = tmp_path / "trunc"
+    shutil.copytree(saved_t2v, broken)
+    weights = next((broken / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot load WanPipeline checkpoint"):
+        load_model(str(broken))
+
+
+def test_unknown_model_name_lists_the_builtins():
+    with pytest.raises(UserError, match="wan2.2-t2v-tiny"):
+        load_model("wan2.2-t2v-huge")
