@@ -6,7 +6,7 @@ QA := $(VENV)/bin/quant-audit
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs
 
-.PHONY: demo test install clean
+.PHONY: demo test install system-deps clean
 
 install: $(STAMP)
 
@@ -16,16 +16,24 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -qq --disable-pip-version-check --no-deps -e .
 	touch $@
 
-# Export + parity, then torch and onnx videos with per-frame PSNR, for both tiny pipelines.
+# Export + parity, torch and onnx videos with per-frame PSNR, and the score tables, for both tiny pipelines.
 demo: $(STAMP)
 	@for model in wan2.2-t2v-tiny wan2.2-ti2v-tiny; do \
 	  echo "== $$model =="; \
 	  $(QA) export --model $$model --out $(DEMO_OUT)/demo-$$model || exit $$?; \
 	  $(QA) generate --model $$model --variant torch --out $(DEMO_OUT)/demo-$$model --seeds 0,1 || exit $$?; \
 	  $(QA) generate --model $$model --variant onnx --out $(DEMO_OUT)/demo-$$model --seeds 0,1 || exit $$?; \
+	  $(QA) score --reference $(DEMO_OUT)/demo-$$model/videos/torch --candidate $(DEMO_OUT)/demo-$$model/videos/onnx \
+	    --out $(DEMO_OUT)/demo-$$model/scores/frames.csv || exit $$?; \
 	done
 
-test: $(STAMP)
+# ffmpeg is the second, independent PSNR implementation the metric tests check against.
+system-deps:
+	@command -v ffmpeg >/dev/null 2>&1 || { \
+	  echo "installing ffmpeg (Debian package) for the metric tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; }
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest
 
 clean:

@@ -7,6 +7,7 @@ Example::
 
     quant-audit export --model wan2.2-t2v-tiny --out runs/r1
     quant-audit generate --model wan2.2-t2v-tiny --variant onnx --out runs/r1 --seeds 0,1
+    quant-audit score --reference runs/r1/videos/torch --candidate runs/r1/videos/onnx --out runs/r1/scores/frames.csv
 """
 
 from __future__ import annotations
@@ -123,6 +124,20 @@ def cmd_generate(args) -> int:
     return EXIT_OK
 
 
+def cmd_score(args) -> int:
+    from quant.score_stage import score_folders, write_tables
+    from reports.console import score_table
+
+    tables = score_folders(args.reference, args.candidate, variant=args.variant, luma=not args.no_luma)
+    paths = write_tables(tables, args.out)
+    print(score_table(tables.videos))
+    capped = int(tables.frames["psnr_identical"].sum())
+    if capped:
+        print(f"{capped} identical frame(s): PSNR is infinite there, shown and averaged as 100 dB (psnr_identical=True)")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="quant-audit", description="Audit what quantization does to a text-to-video pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -147,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--fps", type=int, default=8, help="frame rate of the .webp preview")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="PSNR/SSIM of candidate videos against reference videos")
+    p.add_argument("--reference", required=True, type=Path, help="folder of reference videos (.npz or .mp4)")
+    p.add_argument("--candidate", required=True, type=Path, help="folder of videos scored against the same names")
+    p.add_argument("--out", required=True, type=Path, help="per-frame CSV; per-video, summary and latent tables go beside it")
+    p.add_argument("--variant", help="name for the candidate in the tables (default: its folder name)")
+    p.add_argument("--no-luma", action="store_true", help="skip the BT.601 luma SSIM column")
+    p.set_defaults(func=cmd_score)
     return parser
 
 

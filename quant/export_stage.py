@@ -19,8 +19,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from quant.adapters import torch_module
 from quant.capture import Sample, SampleList, record_inputs
 from quant.environment import versions
@@ -30,6 +28,7 @@ from quant.models import LoadedModel
 from quant.modules import MODULE_IO, check_module_name, present_modules
 from quant.ort_modules import open_session
 from quant.parity import PARITY_THRESHOLD, Parity, measure_parity
+from quant.progress import progress
 from quant.pipeline import MANIFEST, generate_video, shape_key
 from quant.settings import GenerationSettings
 from quant.variants import onnx_dir, onnx_path
@@ -67,16 +66,16 @@ def capture_inputs(model: LoadedModel, settings: GenerationSettings, prompts: li
     return recorded
 
 
-def _export_one(model, module, samples, root, options, progress) -> tuple[ExportRecord, Parity]:
+def _export_one(model, module, samples, root, options, bar) -> tuple[ExportRecord, Parity]:
     dest = onnx_path(root, "onnx", module)
     inputs = [s.inputs for s in samples]
-    progress.set_postfix_str(f"{module}: export")
+    bar.set_postfix_str(f"{module}: export")
     record = export_module(model.pipe, module, batch_of_two(inputs), dest, options)
     adapter = torch_module(model.pipe, module)
-    progress.set_postfix_str(f"{module}: parity")
+    bar.set_postfix_str(f"{module}: parity")
     parity = measure_parity(module, adapter, open_session(dest), inputs)
     if options.simplify and parity.passed:
-        progress.set_postfix_str(f"{module}: simplify")
+        bar.set_postfix_str(f"{module}: simplify")
         checked: dict[str, Parity] = {}
 
         def verify(candidate: Path) -> bool:
@@ -144,10 +143,9 @@ def export_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path
     names = [check_module_name(m, available) for m in modules] if modules else available
     recorded = capture_inputs(model, settings, prompts, seed)
     report = ExportReport()
-    with tqdm(names, desc="export", unit="module", disable=not show_progress) as progress:
-        for module in progress:
-            record, parity = _export_one(model, module, spread(recorded[module], PARITY_SAMPLES), root, options,
-                                         progress)
+    with progress(names, "export", "module", show_progress) as bar:
+        for module in bar:
+            record, parity = _export_one(model, module, spread(recorded[module], PARITY_SAMPLES), root, options, bar)
             report.records.append(record)
             report.parity.append(parity)
     _write_records(model, settings, root, report, prompts, seed, options)

@@ -1,7 +1,8 @@
 """The generate stage: fixed-seed videos for one variant.
 
 Writes ``<out>/videos/<variant>/<prompt_id>_s<seed>.npz`` (``frames`` uint8 (F, H, W, 3), plus
-the prompt, seed and variant), an animated ``.webp`` beside each, and ``manifest.json`` with the
+the prompt, seed and variant), an animated ``.webp`` beside each, the latent trajectory in
+``latents/<prompt_id>_s<seed>.npz``, and ``manifest.json`` with the
 model fingerprint, settings, module recipes and a SHA-256 of each video's frames (same
 frames, same hash: two runs can be compared at a glance). The manifest is rewritten
 after every video, so an interrupted run keeps what it finished.
@@ -17,7 +18,7 @@ import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from quant.progress import progress
 
 from quant.environment import versions
 from quant.io_utils import atomic_write_json
@@ -26,7 +27,7 @@ from quant.pipeline import assemble, generate_video
 from quant.prompts import prompt_id
 from quant.settings import GenerationSettings
 from quant.variants import Variant
-from quant.video_io import save_npz, save_webp
+from quant.video_io import LATENTS_DIR, save_npz, save_trajectory, save_webp
 
 SCHEMA_VERSION = 1
 
@@ -62,17 +63,23 @@ def _manifest(model: LoadedModel, variant: Variant, settings: GenerationSettings
 
 def generate_variant(model: LoadedModel, variant: Variant, prompts: list[str], seeds: list[int],
                      settings: GenerationSettings, root: Path, fps: int = 8,
-                     show_progress: bool = True) -> list[VideoRecord]:
-    """Generate every (prompt, seed) with ``variant`` and write the files described above."""
+                     show_progress: bool = True, save_latents: bool = True) -> list[VideoRecord]:
+    """Generate every (prompt, seed) with ``variant`` and write the files described above.
+
+    With ``save_latents`` the latents after every step go to ``latents/<name>.npz`` beside the
+    video, so ``quant-audit score`` can say at which step (and expert) a variant's error enters.
+    """
     settings.check_for(model.pipe)
     pipe = assemble(model, variant, root, settings)
     folder = video_dir(root, variant.name)
     records: list[VideoRecord] = []
     jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
-    for index, prompt, seed in tqdm(jobs, desc=f"generate {variant.name}", unit="video", disable=not show_progress):
-        video = generate_video(pipe, prompt, seed, settings)
+    for index, prompt, seed in progress(jobs, f"generate {variant.name}", "video", show_progress):
+        video = generate_video(pipe, prompt, seed, settings, trajectory=save_latents)
         name = f"{prompt_id(index)}_s{seed}"
         path = folder / f"{name}.npz"
+        if video.trajectory is not None:
+            save_trajectory(folder / LATENTS_DIR / f"{name}.npz", video.trajectory)
         save_npz(path, video.frames, prompt=prompt, seed=seed, variant=variant.name, nonfinite=video.nonfinite)
         save_webp(folder / f"{name}.webp", video.frames, fps=fps)
         records.append(VideoRecord(path.name, prompt_id(index), prompt, seed, int(video.frames.shape[0]),

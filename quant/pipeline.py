@@ -35,16 +35,58 @@ SHAPE_SETTINGS = ("height", "width", "num_frames", "max_sequence_length")
 
 
 @dataclass
+class Trajectory:
+    """The latents after every denoising step.
+
+    Attributes:
+        latents: float32 (S, C, T, H, W), the scheduler's output after step s.
+        timesteps: float64 (S,), the timestep of each step.
+        experts: (S,) the module that denoised each step (``transformer`` or ``transformer_2``).
+    """
+
+    latents: np.ndarray
+    timesteps: np.ndarray
+    experts: np.ndarray
+
+
+@dataclass
 class GeneratedVideo:
     """One generated video.
 
     Attributes:
         frames: uint8 (F, H, W, 3), RGB.
         nonfinite: True if the decoded video had NaN/Inf pixels (mapped to 0 in ``frames``).
+        trajectory: the latents after each step, when asked for.
     """
 
     frames: np.ndarray
     nonfinite: bool
+    trajectory: Trajectory | None = None
+
+
+def expert_for(pipe, timestep: float) -> str:
+    """Which denoiser ``WanPipeline`` uses at ``timestep`` (high-noise ``transformer`` at t >= boundary)."""
+    ratio = pipe.config.boundary_ratio
+    if ratio is None or pipe.transformer_2 is None:
+        return "transformer"
+    return "transformer" if timestep >= ratio * pipe.scheduler.config.num_train_timesteps else "transformer_2"
+
+
+class _TrajectoryRecorder:
+    """A ``callback_on_step_end`` that keeps each step's latents (as float32 numpy)."""
+
+    def __init__(self):
+        self.latents, self.timesteps, self.experts = [], [], []
+
+    def __call__(self, pipe, step, timestep, kwargs):
+        self.latents.append(kwargs["latents"].detach().float().cpu().numpy().copy())
+        self.timesteps.append(float(timestep))
+        self.experts.append(expert_for(pipe, float(timestep)))
+        return {}
+
+    def result(self) -> Trajectory:
+        return Trajectory(np.stack([l[0] for l in self.latents]), np.array(self.timesteps),  # noqa: E741
+                          np.array(self.experts))
 
 
 def shape_key(settings: GenerationSettings | dict) -> dict:
@@ -111,12 +153,19 @@ def assemble(model: LoadedModel, variant: Variant, root: Path, settings: Generat
 
 
 @torch.no_grad()
-def generate_video(pipe, prompt: str, seed: int, settings: GenerationSettings, callback=None) -> GeneratedVideo:
+def generate_video(pipe, prompt: str, seed: int, settings: GenerationSettings, callback=None,
+                   trajectory: bool = False) -> GeneratedVideo:
     """Generate one video; the initial noise comes from a CPU generator seeded with ``seed``.
 
     Args:
         callback: diffusers ``callback_on_step_end(pipe, step, timestep, kwargs) -> dict``.
+        trajectory: also return the latents after every step (cannot be combined with ``callback``).
     """
+    recorder = None
+    if trajectory:
+        if callback is not None:
+            raise ValueError("trajectory=True records through the step callback; pass one or the other")
+        callback = recorder = _TrajectoryRecorder()
     generator = torch.Generator("cpu").manual_seed(seed)
     out = pipe(
         prompt=prompt, negative_prompt=settings.negative_prompt, height=settings.height, width=settings.width,
@@ -125,4 +174,5 @@ def generate_video(pipe, prompt: str, seed: int, settings: GenerationSettings, c
         max_sequence_length=settings.max_sequence_length, output_type="np", callback_on_step_end=callback,
     )
     frames = np.asarray(out.frames[0])
-    return GeneratedVideo(frames=to_uint8(frames), nonfinite=not bool(np.isfinite(frames).all()))
+    return GeneratedVideo(frames=to_uint8(frames), nonfinite=not bool(np.isfinite(frames).all()),
+                          trajectory=recorder.result() if recorder else None)

@@ -19,6 +19,8 @@ import numpy as np
 from quant.errors import UserError
 from quant.io_utils import atomic_path
 
+LATENTS_DIR = "latents"
+
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """Float frames in [0, 1] -> uint8 (x*255 rounded, as diffusers' ``numpy_to_pil``); NaN -> 0."""
@@ -57,6 +59,34 @@ def load_frames(path: Path) -> np.ndarray:
     return frames
 
 
+CONTAINER_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
+VIDEO_SUFFIXES = (".npz",) + CONTAINER_SUFFIXES
+
+
+def read_video(path: Path) -> np.ndarray:
+    """Frames of a ``.npz`` video or of a container file (decoded with PyAV to RGB24).
+
+    Returns:
+        uint8 (F, H, W, 3).
+
+    Raises:
+        UserError: unreadable, undecodable or empty video.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        return load_frames(path)
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except (av.FFmpegError, OSError, IndexError, ValueError) as exc:
+        raise UserError(f"{path}: cannot decode video ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not frames:
+        raise UserError(f"{path}: video has no frames")
+    return np.stack(frames)
+
+
 def save_webp(path: Path, frames: np.ndarray, fps: int = 8) -> None:
     """An animated, lossless WebP of ``frames`` for people to look at."""
     from PIL import Image
@@ -65,3 +95,30 @@ def save_webp(path: Path, frames: np.ndarray, fps: int = 8) -> None:
     with atomic_path(path) as tmp:
         images[0].save(tmp, format="WEBP", save_all=True, append_images=images[1:], duration=int(1000 / fps),
                        loop=0, lossless=True)
+
+
+def save_trajectory(path: Path, trajectory) -> None:
+    """Write a ``quant.pipeline.Trajectory``: ``latents`` float32 (S, C, T, H, W), ``timesteps``, ``experts``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, latents=trajectory.latents.astype(np.float32), timesteps=trajectory.timesteps,
+                                experts=trajectory.experts.astype(str))
+
+
+def load_trajectory(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a trajectory file, or None when there is none.
+
+    Raises:
+        UserError: the file exists but is unreadable or lacks ``latents``/``timesteps``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise UserError(f"{path}: not a readable latent trajectory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if "latents" not in out or "timesteps" not in out:
+        raise UserError(f"{path}: a latent trajectory needs 'latents' and 'timesteps' arrays")
+    return out

@@ -42,3 +42,20 @@ def psnr_table(title: str, videos: dict[str, list[float]], cap_db: float) -> str
         finite = [min(v, cap_db) for v in values]
         rows.append([name, f"{min(finite):.1f}", f"{sum(finite) / len(finite):.1f}", " ".join(shown)])
     return title + "\n" + _table(["video", "min_db", "mean_db", "per-frame PSNR (dB)"], rows)
+
+
+def score_table(videos) -> str:
+    """Per-video summary of a scores table (pandas DataFrame from ``metrics.scores.summarize``)."""
+    has_latents = "latent_sqnr_min_db" in videos.columns
+    headers = ["variant", "video", "psnr_db", "psnr_min", "ssim_mean", "ssim_min", "motion_psnr", "flicker"]
+    if has_latents:
+        headers += ["latent_sqnr_min", "at step (expert)"]
+    rows = []
+    for r in videos.itertuples(index=False):
+        row = [r.variant, r.video, f"{r.psnr_video_db:.2f}", f"{r.psnr_min:.2f}", f"{r.ssim_mean:.5f}", f"{r.ssim_min:.5f}",
+               _num(r.motion_psnr_mean, ".2f"), str(int(r.flicker_frames))]
+        if has_latents:
+            row += [_num(r.latent_sqnr_min_db, ".1f"),
+                    "" if r.latent_sqnr_min_db != r.latent_sqnr_min_db else f"{int(r.latent_worst_step)} ({r.latent_worst_expert})"]
+        rows.append(row)
+    return _table(headers, rows)

@@ -17,6 +17,7 @@ from quant.models import load_model
 from quant.modules import present_modules
 from quant.ort_modules import OrtModule, OrtTransformer
 from quant.pipeline import assemble, generate_video
+from quant.prompts import DEFAULT_EVAL_PROMPTS, read_prompts
 from quant.settings import GenerationSettings
 from quant.variants import parse_variant
 
@@ -60,7 +61,7 @@ def test_onnx_variant_matches_torch_above_60_db_on_every_frame(request, which):
     torch_pipe = assemble(exported.model, parse_variant("torch", modules), exported.root, SMALL)
     onnx_pipe = assemble(exported.model, parse_variant("onnx", modules), exported.root, SMALL)
     assert all(isinstance(getattr(onnx_pipe, m), OrtModule) for m in ("text_encoder", "transformer", "vae"))
-    for prompt in PROMPTS:
+    for prompt in read_prompts(DEFAULT_EVAL_PROMPTS):
         for seed in (0, 1):
             reference = generate_video(torch_pipe, prompt, seed, SMALL).frames
             candidate = generate_video(onnx_pipe, prompt, seed, SMALL)

@@ -1,42 +1,171 @@
-"""PSNR agrees with scikit-image, and identical frames give inf, never NaN or a crash."""
+"""Metrics agree with independent implementations: scikit-image (1e-6) and ffmpeg's psnr filter."""
 
 from __future__ import annotations
 
+import math
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
-from skimage.metrics import peak_signal_noise_ratio
+from scipy.ndimage import gaussian_filter
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from metrics.psnr import psnr_frames, psnr_video
+from metrics.scores import CAP_DB, score_video, summarize
+from metrics.ssim import luma, ssim_frames
+from metrics.temporal import temporal_frames
+from metrics.tensor import sqnr_db
 
-rng = np.random.default_rng(0)
-
-
-def _pairs():
-    base = rng.integers(0, 256, (3, 17, 23, 3), dtype=np.uint8)
-    noisy = np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8)
-    brighter = np.clip(base.astype(int) + 9, 0, 255).astype(np.uint8)
-    shifted = np.roll(base, 1, axis=2)
-    return {"noise": (base, noisy), "brightness": (base, brighter), "shift": (base, shifted)}
+rng = np.random.default_rng(2004)
 
 
-@pytest.mark.parametrize("kind", ["noise", "brightness", "shift"])
+def _u8(x) -> np.ndarray:
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _smooth(frames: int, h: int, w: int) -> np.ndarray:
+    """Natural-ish content: blurred noise with a wide range of values."""
+    return _u8(gaussian_filter(rng.normal(128, 70, (frames, h, w, 3)), (0, 2.5, 2.5, 0)) * 3 - 256)
+
+
+def _content() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    base = _smooth(4, 48, 64)
+    texture = rng.integers(0, 256, (3, 37, 53, 3), dtype=np.uint8)
+    const = np.full((3, 40, 40, 3), 77, np.uint8)
+    return {
+        "noise": (base, _u8(base + rng.normal(0, 6, base.shape))),
+        "blur": (base, _u8(gaussian_filter(base.astype(float), (0, 1.2, 1.2, 0)))),
+        "shift": (base, np.roll(base, (1, 3), axis=(1, 2))),
+        "brightness": (base, _u8(base.astype(float) * 0.9 + 20)),
+        "constant": (const, const + 3),
+        "constant_vs_texture": (const, np.pad(texture[:, :37, :37], ((0, 0), (0, 3), (0, 3), (0, 0)), mode="edge")),
+        "identical": (texture, texture.copy()),
+        "odd_size": (texture, _u8(texture + rng.normal(0, 20, texture.shape))),
+        "window_size": (texture[:, :11, :11], rng.integers(0, 256, (3, 11, 11, 3), dtype=np.uint8)),
+        "extremes": (np.zeros((2, 16, 16, 3), np.uint8), np.full((2, 16, 16, 3), 255, np.uint8)),
+    }
+
+
+CONTENT = _content()
+
+
+def _sk_ssim(a, b, channel_axis=-1):
+    return structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                 data_range=255, channel_axis=channel_axis)
+
+
+@pytest.mark.parametrize("kind", list(CONTENT))
+def test_ssim_rgb_matches_skimage(kind):
+    reference, candidate = CONTENT[kind]
+    expected = [_sk_ssim(r, c) for r, c in zip(reference, candidate)]
+    np.testing.assert_allclose(ssim_frames(reference, candidate), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(CONTENT))
+def test_ssim_luma_matches_skimage_on_the_same_luma(kind):
+    reference, candidate = CONTENT[kind]
+    expected = [_sk_ssim(r.astype(np.float64), c.astype(np.float64), channel_axis=None)
+                for r, c in zip(luma(reference), luma(candidate))]
+    np.testing.assert_allclose(ssim_frames(reference, candidate, colour="luma"), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(CONTENT))
 def test_psnr_matches_skimage(kind):
-    reference, candidate = _pairs()[kind]
+    reference, candidate = CONTENT[kind]
     ours = psnr_frames(reference, candidate)
-    theirs = [peak_signal_noise_ratio(r, c, data_range=255) for r, c in zip(reference, candidate)]
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
-    whole = peak_signal_noise_ratio(reference, candidate, data_range=255)
-    assert abs(psnr_video(reference, candidate) - whole) < 1e-6
+    with np.errstate(divide="ignore"):
+        expected = np.array([peak_signal_noise_ratio(r, c, data_range=255) for r, c in zip(reference, candidate)])
+    assert np.array_equal(np.isinf(ours), np.isinf(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(ours[finite], expected[finite], rtol=0, atol=1e-6)
+    if not np.isinf(expected).all():
+        assert abs(psnr_video(reference, candidate) - peak_signal_noise_ratio(reference, candidate, data_range=255)) < 1e-6
 
 
-def test_identical_frames_are_infinite_not_nan():
-    frames = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    other = frames.copy()
-    other[1, 0, 0, 0] ^= 1
-    values = psnr_frames(frames, other)
-    assert np.isinf(values[0]) and np.isfinite(values[1]) and not np.isnan(values).any()
+def test_frames_smaller_than_the_window_are_refused_like_skimage():
+    small = rng.integers(0, 256, (2, 10, 30, 3), dtype=np.uint8)
+    with pytest.raises(ValueError):
+        _sk_ssim(small[0], small[1])
+    with pytest.raises(ValueError, match="smaller than the 11x11 SSIM window"):
+        ssim_frames(small, small)
+
+
+def _ffmpeg_psnr(reference: np.ndarray, candidate: np.ndarray, tmp_path) -> list[dict[str, float]]:
+    frames, height, width, _ = reference.shape
+    reference.tofile(tmp_path / "ref.rgb")
+    candidate.tofile(tmp_path / "cand.rgb")
+    raw = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}"]
+    stats = tmp_path / "psnr.log"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", *raw, "-i", str(tmp_path / "ref.rgb"), *raw, "-i",
+                    str(tmp_path / "cand.rgb"), "-lavfi", f"[0:v][1:v]psnr=stats_file={stats}", "-f", "null", "-"],
+                   check=True)
+    rows = []
+    for line in stats.read_text().splitlines():
+        fields = dict(item.split(":") for item in line.split())
+        rows.append({"mse": float(fields["mse_avg"]), "psnr": float(fields["psnr_avg"])})
+    assert len(rows) == frames
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["noise", "blur", "shift", "brightness", "odd_size", "identical"])
+def test_psnr_matches_ffmpeg_psnr_filter(kind, tmp_path):
+    assert shutil.which("ffmpeg"), "ffmpeg is installed by `make test` (Debian package); it is missing"
+    reference, candidate = CONTENT[kind]
+    ours = psnr_frames(reference, candidate)
+    from metrics.psnr import mse_frames
+
+    mse = mse_frames(reference, candidate)
+    for i, row in enumerate(_ffmpeg_psnr(reference, candidate, tmp_path)):
+        if math.isinf(row["psnr"]):
+            assert math.isinf(ours[i])
+            continue
+        # ffmpeg prints two decimals: agreement is to its printed precision
+        assert abs(ours[i] - row["psnr"]) <= 0.005 + 1e-9
+        assert abs(mse[i] - row["mse"]) <= 0.005 + 1e-9
+
+
+def test_identical_frames_are_capped_and_flagged_never_nan():
+    reference, _ = CONTENT["identical"]
+    frames = score_video(reference, reference.copy())
+    assert (frames["psnr_db"] == CAP_DB).all() and frames["psnr_identical"].all()
+    _, variants = summarize(frames.assign(variant="same", video="v"))
+    assert variants.loc[0, "psnr_mean"] == CAP_DB and variants.loc[0, "identical_frames"] == len(reference)
+    assert not variants[["psnr_mean", "psnr_min", "psnr_p5", "ssim_mean", "ssim_min"]].isna().any().any()
+
+
+def test_motion_metrics_match_their_definition():
+    reference, candidate = CONTENT["noise"]
+    result = temporal_frames(reference, candidate)
+    d_ref = np.diff(reference.astype(np.int16), axis=0)
+    d_cand = np.diff(candidate.astype(np.int16), axis=0)
+    mse = ((d_cand.astype(float) - d_ref) ** 2).reshape(len(d_ref), -1).mean(axis=1)
+    np.testing.assert_allclose(result["motion_psnr_db"][1:], 10 * np.log10(255**2 / mse), atol=1e-9)
+    expected_ssim = [_sk_ssim((r + 255) / 2.0, (c + 255) / 2.0) for r, c in zip(d_ref, d_cand)]
+    np.testing.assert_allclose(result["motion_ssim"][1:], expected_ssim, rtol=0, atol=1e-6)
+    assert np.isnan(result["motion_psnr_db"][0])
+
+
+def test_flicker_flags_a_change_the_reference_does_not_have():
+    reference = np.repeat(_smooth(1, 32, 32), 6, axis=0)  # a still shot
+    candidate = reference.copy()
+    candidate[3] = _u8(candidate[3].astype(float) + 12)  # one frame brightens, then returns
+    result = temporal_frames(reference, candidate)
+    assert list(np.flatnonzero(result["flicker_flag"])) == [3, 4]
+    assert result["flicker_excess"][3] > 10 and result["flicker_excess"][1] == 0
+
+
+def test_sqnr_known_values():
+    signal = rng.normal(0, 1, 100_000)
+    noise = rng.normal(0, 0.1, 100_000)
+    expected = 10 * np.log10((signal**2).sum() / (noise**2).sum())
+    assert abs(sqnr_db(signal + noise, signal) - expected) < 1e-9 and 19 < expected < 21
+    assert sqnr_db(signal, signal) == math.inf
+    assert sqnr_db(np.where(signal > 2, np.nan, signal), signal) == -math.inf
 
 
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="shapes differ"):
-        psnr_frames(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 8, 9, 3), np.uint8))
+        psnr_frames(np.zeros((2, 16, 16, 3), np.uint8), np.zeros((2, 16, 17, 3), np.uint8))
+    with pytest.raises(ValueError, match="shapes differ"):
+        ssim_frames(np.zeros((2, 16, 16, 3), np.uint8), np.zeros((3, 16, 16, 3), np.uint8))

@@ -1,0 +1,121 @@
+"""Benchmark: per-frame PSNR + SSIM of one 81-frame 1280x720 pair, ours against scikit-image.
+
+Each implementation runs in its own child process on the same deterministic pair (smooth moving
+content, a noisy and slightly shifted candidate), so peak memory is measured separately. Prints
+seconds per frame for each, the speed ratio, the peak resident memory above what the two uint8
+videos themselves take, and the largest disagreement between the two on the frames both scored.
+No thresholds: compare the ratio across commits. Results are also written to
+``benchmarks/results/metrics-<time>.json``.
+
+Usage::
+
+    .venv/bin/python benchmarks/metrics.py                 # 81 frames of 1280x720
+    .venv/bin/python benchmarks/metrics.py --frames 9      # quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_pair(frames: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic uint8 (F, H, W, 3) reference and candidate, built one frame at a time."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    reference = np.empty((frames, height, width, 3), np.uint8)
+    candidate = np.empty_like(reference)
+    for t in range(frames):
+        phase = 0.15 * t
+        for c in range(3):
+            wave = 127 + 60 * np.sin(xx / (23 + 7 * c) + phase) * np.cos(yy / (31 - 5 * c) - phase)
+            reference[t, :, :, c] = np.clip(wave + 40 * np.sin((xx + yy) / 97 + c), 0, 255).astype(np.uint8)
+        noisy = reference[t].astype(np.int16) + rng.integers(-6, 7, reference[t].shape, dtype=np.int16)
+        candidate[t] = np.clip(np.roll(noisy, 1, axis=1), 0, 255).astype(np.uint8)
+    return reference, candidate
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_child(impl: str, frames: int, height: int, width: int, limit: int) -> dict:
+    """Score the pair with ``impl`` in this process; returns timings and memory."""
+    reference, candidate = make_pair(frames, height, width)
+    count = min(limit, frames)
+    loaded_mb = _rss_mb()
+    if impl == "ours":
+        sys.path.insert(0, str(ROOT))
+        from metrics.psnr import psnr_frames
+        from metrics.ssim import ssim_frames
+
+        ssim_frames(reference[:1], candidate[:1])  # warm-up: thread pools, first allocations
+        start = time.perf_counter()
+        psnr = psnr_frames(reference[:count], candidate[:count])
+        ssim = ssim_frames(reference[:count], candidate[:count])
+    else:
+        from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+        start = time.perf_counter()
+        psnr, ssim = [], []
+        for r, c in zip(reference[:count], candidate[:count]):
+            psnr.append(peak_signal_noise_ratio(r, c, data_range=255))
+            ssim.append(structural_similarity(r, c, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                              data_range=255, channel_axis=-1))
+    seconds = time.perf_counter() - start
+    return {"impl": impl, "frames": count, "seconds": seconds, "seconds_per_frame": seconds / count,
+            "peak_rss_mb": _rss_mb(), "videos_rss_mb": loaded_mb, "extra_peak_mb": _rss_mb() - loaded_mb,
+            "psnr": [float(v) for v in psnr], "ssim": [float(v) for v in ssim]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--skimage-frames", type=int, default=None, help="score only this many frames with scikit-image")
+    parser.add_argument("--child", choices=["ours", "skimage"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        limit = args.frames if args.child == "ours" or args.skimage_frames is None else args.skimage_frames
+        print(json.dumps(run_child(args.child, args.frames, args.height, args.width, limit)))
+        return 0
+    results = {}
+    for impl in ("ours", "skimage"):
+        cmd = [sys.executable, __file__, "--child", impl, "--frames", str(args.frames), "--height", str(args.height),
+               "--width", str(args.width)] + (["--skimage-frames", str(args.skimage_frames)] if args.skimage_frames else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[impl] = json.loads(out.strip().splitlines()[-1])
+    ours, ref = results["ours"], results["skimage"]
+    both = min(ours["frames"], ref["frames"])
+    ssim_err = max(abs(a - b) for a, b in zip(ours["ssim"][:both], ref["ssim"][:both]))
+    psnr_err = max(abs(a - b) for a, b in zip(ours["psnr"][:both], ref["psnr"][:both]))
+    float64_video_mb = args.frames * args.height * args.width * 3 * 8 / 2**20
+    print(f"pair: {args.frames} frames of {args.width}x{args.height}; PSNR + SSIM (RGB) per frame")
+    print(f"{'impl':10s} {'frames':>6s} {'s/frame':>9s} {'peak RSS MB':>12s} {'above videos MB':>16s}")
+    for r in (ours, ref):
+        print(f"{r['impl']:10s} {r['frames']:6d} {r['seconds_per_frame']:9.4f} {r['peak_rss_mb']:12.0f} {r['extra_peak_mb']:16.0f}")
+    print(f"speed ratio (skimage / ours): {ref['seconds_per_frame'] / ours['seconds_per_frame']:.1f}x")
+    print(f"max |diff| on {both} frames: SSIM {ssim_err:.2e}, PSNR {psnr_err:.2e} dB")
+    print(f"for scale: one float64 copy of a video is {float64_video_mb:.0f} MB")
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {k: {kk: vv for kk, vv in v.items() if kk not in ("psnr", "ssim")} for k, v in results.items()}
+    path = out_dir / f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"args": vars(args), "results": summary, "ssim_max_diff": ssim_err,
+                                "psnr_max_diff": psnr_err}, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The score stage: PSNR/SSIM (and temporal, latent) metrics of candidate videos against references.
+
+Every video in the candidate folder (``.npz`` with ``frames`` uint8 (F, H, W, 3), or a container
+such as ``.mp4`` read through PyAV) is scored against the file of the same name in the
+reference folder. Works on any two folders, not only the suite's own. Where both folders hold
+``latents/<name>.npz`` trajectories, the latent SQNR of every step is scored too.
+
+Example::
+
+    tables = score_folders(Path("runs/r1/videos/torch"), Path("runs/r1/videos/int8"), variant="int8")
+    write_tables(tables, Path("runs/r1/scores/frames.csv"))
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from quant.progress import progress
+
+from metrics.scores import latent_rows, metric_parameters, score_video, summarize
+from quant.errors import UserError
+from quant.io_utils import atomic_path, atomic_write_json
+from quant.video_io import LATENTS_DIR, VIDEO_SUFFIXES, load_trajectory, read_video
+
+_NAME = re.compile(r"^(?P<prompt>p\d+)_s(?P<seed>\d+)$")
+
+
+@dataclass
+class ScoreTables:
+    """frames: one row per (variant, video, frame); videos/variants: aggregates; latents: per step."""
+
+    frames: pd.DataFrame
+    videos: pd.DataFrame
+    variants: pd.DataFrame
+    latents: pd.DataFrame
+
+
+def list_videos(folder: Path) -> list[Path]:
+    """Video files directly in ``folder`` (previews and manifests are not videos)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+
+
+def pair_videos(reference: Path, candidate: Path) -> list[tuple[Path, Path]]:
+    """(reference file, candidate file) for every candidate video.
+
+    Raises:
+        UserError: a folder is missing, the candidate folder has no video, or a partner is missing.
+    """
+    for role, folder in (("reference", reference), ("candidate", candidate)):
+        if not Path(folder).is_dir():
+            raise UserError(f"{folder}: {role} folder not found")
+    candidates = list_videos(candidate)
+    if not candidates:
+        raise UserError(f"{candidate}: no videos to score (expected {', '.join(VIDEO_SUFFIXES)} files)")
+    pairs = []
+    for cand in candidates:
+        ref = Path(reference) / cand.name
+        if not ref.is_file():
+            raise UserError(f"{cand}: no reference video of the same name ({ref} not found)")
+        pairs.append((ref, cand))
+    return pairs
+
+
+def _score_pair(ref_path: Path, cand_path: Path, variant: str, luma: bool) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    reference, candidate = read_video(ref_path), read_video(cand_path)
+    if reference.shape != candidate.shape:
+        raise UserError(f"{cand_path}: shape {candidate.shape} differs from reference {ref_path} {reference.shape}")
+    try:
+        frames = score_video(reference, candidate, luma=luma)
+    except ValueError as exc:  # e.g. frames smaller than the SSIM window
+        raise UserError(f"{cand_path}: {exc}") from None
+    name = cand_path.stem
+    match = _NAME.match(name)
+    ids = {"variant": variant, "video": name, "prompt_id": match["prompt"] if match else "",
+           "seed": int(match["seed"]) if match else -1}
+    frames = frames.assign(**ids)[list(ids) + list(frames.columns)]
+    ref_traj = load_trajectory(ref_path.parent / LATENTS_DIR / f"{name}.npz")
+    cand_traj = load_trajectory(cand_path.parent / LATENTS_DIR / f"{name}.npz")
+    if ref_traj is None or cand_traj is None:
+        return frames, None
+    try:
+        steps = latent_rows(ref_traj, cand_traj)
+    except ValueError as exc:
+        raise UserError(f"{cand_path.parent / LATENTS_DIR / (name + '.npz')}: {exc}") from None
+    return frames, steps.assign(variant=variant, video=name)[["variant", "video"] + list(steps.columns)]
+
+
+def score_folders(reference: Path, candidate: Path, variant: str | None = None, luma: bool = True,
+                  show_progress: bool = True) -> ScoreTables:
+    """Score every candidate video against its reference; ``variant`` defaults to the folder name."""
+    variant = variant or Path(candidate).resolve().name
+    frame_parts, latent_parts = [], []
+    for ref_path, cand_path in progress(pair_videos(reference, candidate), f"score {variant}", "video", show_progress):
+        frames, steps = _score_pair(ref_path, cand_path, variant, luma)
+        frame_parts.append(frames)
+        if steps is not None:
+            latent_parts.append(steps)
+    frames = pd.concat(frame_parts, ignore_index=True)
+    latents = pd.concat(latent_parts, ignore_index=True) if latent_parts else pd.DataFrame()
+    videos, variants = summarize(frames, latents if len(latents) else None)
+    return ScoreTables(frames, videos, variants, latents)
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.10g")
+
+
+def table_paths(out: Path) -> dict[str, Path]:
+    """Where ``write_tables`` puts each table for ``--out FILE.csv``."""
+    out = Path(out)
+    stem = out.name[:-4] if out.name.lower().endswith(".csv") else out.name
+    return {"frames": out, "videos": out.with_name(f"{stem}.videos.csv"), "summary": out.with_name(f"{stem}.summary.csv"),
+            "latents": out.with_name(f"{stem}.latents.csv"), "metrics": out.with_name(f"{stem}.metrics.json")}
+
+
+def write_tables(tables: ScoreTables, out: Path) -> dict[str, Path]:
+    """Write the frames table to ``out`` and the others beside it (see ``table_paths``)."""
+    paths = table_paths(out)
+    _write_csv(tables.frames, paths["frames"])
+    _write_csv(tables.videos, paths["videos"])
+    _write_csv(tables.variants, paths["summary"])
+    if len(tables.latents):
+        _write_csv(tables.latents, paths["latents"])
+    atomic_write_json(paths["metrics"], json.loads(json.dumps(metric_parameters())))
+    return {k: p for k, p in paths.items() if k != "latents" or len(tables.latents)}
