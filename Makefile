@@ -10,10 +10,13 @@ DEMO_OUT ?= runs
 
 install: $(STAMP)
 
+# Editable installs are path-based (editable_mode=compat): onnxruntime.transformers appends its own
+# folder, which has a metrics.py, to sys.path, and would shadow our `metrics` package otherwise.
+
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install -qq --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install -qq --disable-pip-version-check --no-deps --config-settings editable_mode=compat -e .
 	touch $@
 
 # Export + parity, torch and onnx videos with per-frame PSNR, and the score tables, for both tiny pipelines.

@@ -138,6 +138,43 @@ def cmd_score(args) -> int:
     return EXIT_OK
 
 
+def cmd_calibrate(args) -> int:
+    from quant.calibration import DEFAULT_CALIBRATION_PROMPTS, CalibrationSpec, calibrate, load_calibration_prompts
+    from quant.models import load_model
+    from quant.prompts import DEFAULT_EVAL_PROMPTS, parse_seeds
+
+    settings = _settings(args)
+    prompts = load_calibration_prompts(args.prompts or DEFAULT_CALIBRATION_PROMPTS, args.eval_prompts or DEFAULT_EVAL_PROMPTS)
+    spec = CalibrationSpec(tuple(prompts), tuple(parse_seeds(args.seeds)), args.samples)
+    model = load_model(args.model)
+    cal = calibrate(model, spec, settings, args.out)
+    print(("reused" if cal.reused else "captured") + f" calibration {cal.manifest['key']} in {cal.folder}")
+    for module, entry in cal.manifest["modules"].items():
+        samples = entry["samples"]
+        steps = sorted({s["step"] for s in samples if s["step"] is not None})
+        held = sum(s["holdout"] for s in samples)
+        where = f", steps {steps}" if steps else ""
+        print(f"  {module}: {len(samples)} of {entry['calls']} calls ({held} held back){where}")
+    return EXIT_OK
+
+
+def cmd_quantize(args) -> int:
+    from quant.models import load_model
+    from quant.quantize import QuantizeOptions
+    from quant.quantize_stage import quantize_pipeline, report_path
+    from reports.console import quantization_table
+
+    settings = _settings(args)
+    options = QuantizeOptions(method=args.method, per_channel=not args.per_tensor,
+                              op_types=tuple(args.op_type) if args.op_type else None,
+                              nodes_to_exclude=tuple(args.exclude or ()), fp16_guard=not args.no_fp16_guard)
+    model = load_model(args.model)
+    report = quantize_pipeline(model, settings, args.out, args.recipe, options, modules=args.module)
+    print(quantization_table(report))
+    print(f"wrote {args.out / 'onnx' / args.recipe} and {report_path(args.out, args.recipe)}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="quant-audit", description="Audit what quantization does to a text-to-video pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -162,6 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--fps", type=int, default=8, help="frame rate of the .webp preview")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("calibrate", help="capture calibration inputs for every module")
+    _add_model_args(p)
+    _add_settings_args(p)
+    p.add_argument("--prompts", type=Path, help="calibration prompts (default calibration_data/prompts/calibration.txt)")
+    p.add_argument("--eval-prompts", type=Path, help="evaluation prompts they must not overlap (default eval.txt)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds per prompt (default 0)")
+    p.add_argument("--samples", type=int, default=16, help="samples kept per module, spread over its calls (default 16)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("quantize", help="FP32 ONNX -> FP16 / INT8 ONNX")
+    _add_model_args(p)
+    _add_settings_args(p)
+    p.add_argument("--recipe", required=True, help="fp16, int8, int8-dynamic or inc-int8")
+    p.add_argument("--method", default="minmax", help="INT8 calibration: minmax, entropy or percentile")
+    p.add_argument("--module", action="append", help="quantize only this module (repeatable; default all)")
+    p.add_argument("--op-type", action="append", help="op type to quantize (repeatable; default MatMul, Conv, Gemm)")
+    p.add_argument("--exclude", action="append", help="node name to keep in FP32 (repeatable)")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
+    p.add_argument("--no-fp16-guard", action="store_true", help="convert every node to FP16, even where it overflows")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("score", help="PSNR/SSIM of candidate videos against reference videos")
     p.add_argument("--reference", required=True, type=Path, help="folder of reference videos (.npz or .mp4)")

@@ -59,3 +59,19 @@ def score_table(videos) -> str:
                     "" if r.latent_sqnr_min_db != r.latent_sqnr_min_db else f"{int(r.latent_worst_step)} ({r.latent_worst_expert})"]
         rows.append(row)
     return _table(headers, rows)
+
+
+def quantization_table(report: dict) -> str:
+    """Per module: compute ops by precision, FP32-kept nodes, size, latency and SQNR against FP32."""
+    rows = []
+    for module, m in report["modules"].items():
+        ops = m["census"]["compute_ops"]
+        counts = {p: sum(c[p] for c in ops.values()) for p in ("int8", "fp16", "fp32")}
+        rows.append([
+            module, str(counts["int8"]), str(counts["fp16"]), str(counts["fp32"]), str(len(m["kept_fp32"])),
+            f"{m['size_bytes'] / 1e6:.2f}/{m['fp32_size_bytes'] / 1e6:.2f}",
+            f"{m['latency_ms']:.1f}/{m['fp32_latency_ms']:.1f}",
+            "identical" if m["identical_to_fp32"] else ("NaN/Inf" if m["nonfinite_output"] else _num(m["sqnr_min_db"], ".1f")),
+        ])
+    head = f"quantization '{report['recipe']}' of {report['model']['name']} (compute ops = MatMul/Conv/Gemm)"
+    return head + "\n" + _table(["module", "int8", "fp16", "fp32", "kept_fp32", "MB (q/fp32)", "ms (q/fp32)", "SQNR_min_dB"], rows)

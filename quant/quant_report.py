@@ -1,0 +1,112 @@
+"""What a quantized module is: compute nodes by precision, size, CPU latency, error against FP32.
+
+- Precision of each MatMul/Conv/Gemm: ``int8`` when an input comes from ``DequantizeLinear``
+  (QDQ) or the op is an integer kernel (``MatMulInteger``, ``ConvInteger``,
+  ``DynamicQuantizeMatMul``, ``QLinear*``); ``fp16`` when its first input is float16 after type
+  inference; ``fp32`` otherwise.
+- Latency: median of ``runs`` ONNX Runtime CPU calls on one held-back calibration input after
+  ``warmup`` calls.
+- SQNR: of the module's output against the FP32 ONNX module's, over the held-back samples.
+
+Example::
+
+    census = precision_census(Path("onnx/int8/transformer.onnx"))
+    census["MatMul"]   # {"int8": 12, "fp16": 0, "fp32": 2}
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from metrics.tensor import sqnr_db
+from quant.export import onnx_size_bytes
+from quant.ort_modules import open_session, run_session
+
+COMPUTE_OPS = ("MatMul", "Conv", "Gemm", "ConvTranspose")
+INTEGER_OPS = {"MatMulInteger": "MatMul", "ConvInteger": "Conv", "DynamicQuantizeMatMul": "MatMul",
+               "QLinearMatMul": "MatMul", "QLinearConv": "Conv", "MatMulIntegerToFloat": "MatMul"}
+
+
+def _types(model: onnx.ModelProto, path: Path) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a graph type inference cannot take: fall back to declared types
+        inferred = model
+    types = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[info.name] = info.type.tensor_type.elem_type
+    for init in inferred.graph.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def precision_census(path: Path) -> dict:
+    """Compute nodes by op type and precision, plus Q/DQ and float16-initializer counts."""
+    model = onnx.load(str(path), load_external_data=False)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    types = _types(model, path)
+    census: dict[str, dict[str, int]] = {op: {"int8": 0, "fp16": 0, "fp32": 0} for op in COMPUTE_OPS}
+    for node in model.graph.node:
+        if node.op_type in INTEGER_OPS:
+            census[INTEGER_OPS[node.op_type]]["int8"] += 1
+            continue
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        if any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input):
+            census[node.op_type]["int8"] += 1
+        elif node.input and types.get(node.input[0]) == TensorProto.FLOAT16:
+            census[node.op_type]["fp16"] += 1
+        else:
+            census[node.op_type]["fp32"] += 1
+    ops = [n.op_type for n in model.graph.node]
+    return {
+        "compute_ops": {op: c for op, c in census.items() if sum(c.values())},
+        "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear"),
+        "float16_initializers": sum(1 for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16),
+        "nodes": len(ops),
+    }
+
+
+def latency_ms(path: Path, inputs: dict[str, np.ndarray], warmup: int = 2, runs: int = 7) -> float:
+    """Median ONNX Runtime CPU latency of one call, in milliseconds."""
+    session = open_session(path)
+    for _ in range(warmup):
+        run_session(session, inputs)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run_session(session, inputs)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def holdout_sqnr(fp32_path: Path, candidate_path: Path, reader) -> dict:
+    """SQNR (dB) of the candidate's output against FP32's over every sample ``reader`` yields."""
+    reference, candidate = open_session(fp32_path), open_session(candidate_path)
+    values = []
+    while (inputs := reader.get_next()) is not None:
+        values.append(sqnr_db(run_session(candidate, inputs)[0], run_session(reference, inputs)[0]))
+    finite = [v for v in values if np.isfinite(v)]
+    return {"samples": len(values), "sqnr_min_db": min(values) if values else None,
+            "sqnr_mean_db": float(np.mean(finite)) if finite else (values[0] if values else None)}
+
+
+def module_report(fp32_path: Path, path: Path, kept_fp32: dict, notes: list[str], holdout_reader, sample) -> dict:
+    """Everything the quantization report says about one (module, recipe)."""
+    sqnr = holdout_sqnr(fp32_path, path, holdout_reader)
+    return {
+        "file": path.name,
+        "size_bytes": onnx_size_bytes(path), "fp32_size_bytes": onnx_size_bytes(fp32_path),
+        "census": precision_census(path),
+        "kept_fp32": kept_fp32, "notes": notes,
+        "latency_ms": latency_ms(path, sample), "fp32_latency_ms": latency_ms(fp32_path, sample),
+        **{k: (None if v is None or not np.isfinite(v) else v) if isinstance(v, float) else v for k, v in sqnr.items()},
+        "identical_to_fp32": sqnr["sqnr_min_db"] == float("inf"),
+        "nonfinite_output": sqnr["sqnr_min_db"] == float("-inf"),
+    }

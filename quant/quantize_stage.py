@@ -1,0 +1,70 @@
+"""The quantize stage: every module's FP32 ONNX model -> ``<out>/onnx/<recipe>/<module>.onnx``.
+
+Needs the export (``onnx/fp32``) and the calibration cache (``calibration/``) of the same model
+and frame shape. Writes ``onnx/<recipe>/manifest.json`` (so ``generate --variant <recipe>``
+refuses models of another model or shape) and ``quantization/<recipe>.json``: per module, the
+compute nodes by precision, the nodes kept FP32 and why, size, CPU latency against FP32, and the
+SQNR against FP32 on held-back calibration samples.
+
+Example::
+
+    report = quantize_pipeline(model, settings, Path("runs/r1"), "int8", QuantizeOptions(method="entropy"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from quant.calibration import open_calibration
+from quant.environment import versions
+from quant.errors import UserError
+from quant.io_utils import atomic_write_json, sha256_file
+from quant.models import LoadedModel
+from quant.modules import MODULE_IO, check_module_name, present_modules
+from quant.pipeline import MANIFEST, check_onnx_folder, shape_key
+from quant.progress import progress
+from quant.quant_report import module_report
+from quant.quantize import QuantizeOptions, quantize
+from quant.settings import GenerationSettings
+from quant.variants import check_recipe, onnx_dir, onnx_path
+
+SCHEMA_VERSION = 1
+
+
+def report_path(root: Path, recipe: str) -> Path:
+    return Path(root) / "quantization" / f"{recipe}.json"
+
+
+def quantize_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path, recipe: str,
+                      options: QuantizeOptions = QuantizeOptions(), modules: list[str] | None = None,
+                      show_progress: bool = True) -> dict:
+    """Quantize every module (or ``modules``) of ``model`` with ``recipe``; returns the report."""
+    check_recipe(recipe)
+    if recipe in ("torch", "onnx"):
+        raise UserError(f"recipe '{recipe}' is not a quantization recipe (use fp16, int8, int8-dynamic, inc-int8)")
+    root = Path(root)
+    check_onnx_folder(root, "onnx", model, settings)
+    calibration = open_calibration(root, model)
+    if shape_key(calibration.manifest["settings"]) != shape_key(settings):
+        raise UserError(f"{calibration.folder}: calibration was captured at {shape_key(calibration.manifest['settings'])}, "
+                        f"not {shape_key(settings)}; rerun `quant-audit calibrate` with these settings")
+    available = present_modules(model.pipe)
+    names = [check_module_name(m, available) for m in modules] if modules else available
+    entries = {}
+    for module in progress(names, f"quantize {recipe}", "module", show_progress):
+        src, dst = onnx_path(root, "onnx", module), onnx_path(root, recipe, module)
+        result = quantize(src, dst, recipe, lambda m=module: calibration.reader(m), options)
+        sample = calibration.reader(module, "holdout").get_next() or calibration.reader(module).get_next()
+        entries[module] = module_report(src, dst, result.kept_fp32, result.notes, calibration.reader(module, "holdout"), sample)
+    model_doc = {"name": model.name, "source": model.source, "fingerprint": model.fingerprint}
+    manifest = {"schema_version": SCHEMA_VERSION, "recipe": recipe, "model": model_doc, "shape": shape_key(settings),
+                "modules": {m: {"file": e["file"], "sha256": sha256_file(onnx_path(root, recipe, m)),
+                                "inputs": list(MODULE_IO[m].inputs), "outputs": list(MODULE_IO[m].outputs)}
+                            for m, e in entries.items()}}
+    atomic_write_json(onnx_dir(root, recipe) / MANIFEST, manifest)
+    report = {"schema_version": SCHEMA_VERSION, "recipe": recipe, "model": model_doc, "options": asdict(options),
+              "calibration": {"key": calibration.manifest["key"], "spec": calibration.manifest["spec"]},
+              "versions": versions(), "modules": entries}
+    atomic_write_json(report_path(root, recipe), report)
+    return report
