@@ -232,9 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore")
+    # diffusers imports torchao when it is installed (neural-compressor needs it), and torch then
+    # logs pytree deprecation warnings on every command; INC logs INFO lines through its own logger.
+    for name in ("torch", "torchao", "neural_compressor"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     for name in ("diffusers", "transformers"):
         try:
             module = __import__(f"{name}.utils.logging", fromlist=["set_verbosity_error"])
@@ -258,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("quant-audit: interrupted; finished files are kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`): not an error of the audit. Point
+        # stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception:  # noqa: BLE001 - the last line of defence: a bug, reported with its traceback
         traceback.print_exc()
         print("quant-audit: internal error (exit 3); please report it with the traceback above", file=sys.stderr)

@@ -12,7 +12,8 @@ import sys
 from importlib import metadata
 
 _PACKAGES = ("quant-audit", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript",
-             "onnxslim", "numpy", "scikit-image")
+             "onnxslim", "numpy", "scikit-image", "opencv-python-headless",
+             "neural-compressor-pt", "torchao")
 
 
 def versions() -> dict[str, str]:

@@ -17,3 +17,9 @@ class UserError(Exception):
 
 class CheckFailed(Exception):
     """A check ran and failed (parity, gate, regression); exit code 1."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type name), for one-line errors."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -15,14 +15,11 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import torch
 from quant.adapters import torch_module
 from quant.errors import CheckFailed, UserError
 from quant.modules import MODULE_IO
+from quant.quiet import quiet
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
@@ -89,34 +87,19 @@ def batch_of_two(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([first[k], second[k]], axis=0) for k in first}
 
 
-def _export_program(adapter, args, names, outputs, opset, dynamic):
+def export_program(adapter, args, names, outputs, opset, dynamic):
     dynamic_shapes = None
     if dynamic:
         batch = torch.export.Dim("batch", min=1, max=1024)
         dynamic_shapes = {name: {0: batch} for name in names}
-    quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers():
-        warnings.simplefilter("ignore")
+    with quiet("torch", "torch.onnx", "torch.export", "onnxscript", "torch._dynamo", level=logging.CRITICAL):
         return torch.onnx.export(
             adapter, args, None, dynamo=True, opset_version=opset, input_names=list(names),
             output_names=list(outputs), dynamic_shapes=dynamic_shapes, verbose=False,
         )
 
 
-@contextlib.contextmanager
-def _quiet_loggers():
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _save_atomically(save, dest: Path, verify=None) -> bool:
+def save_atomically(save, dest: Path, verify=None) -> bool:
     """Call ``save(tmp_model_path)`` in a private folder, then move its files beside ``dest``.
 
     If ``verify(tmp_model_path)`` is given and returns False, nothing is moved (returns False).
@@ -181,14 +164,14 @@ def export_module(pipe, module: str, example: dict[str, np.ndarray], dest: Path,
     start = time.perf_counter()
     dynamic = options.dynamic_batch
     try:
-        program = _export_program(adapter, args, io_names.inputs, io_names.outputs, options.opset, dynamic)
+        program = export_program(adapter, args, io_names.inputs, io_names.outputs, options.opset, dynamic)
     except Exception:  # noqa: BLE001 - retried static; a second failure propagates as an export bug
         if not dynamic:
             raise
         dynamic = False
-        program = _export_program(adapter, args, io_names.inputs, io_names.outputs, options.opset, False)
+        program = export_program(adapter, args, io_names.inputs, io_names.outputs, options.opset, False)
     external = True if options.force_external_data else None
-    _save_atomically(lambda p: program.save(p, external_data=external), dest)
+    save_atomically(lambda p: program.save(p, external_data=external), dest)
     seconds = time.perf_counter() - start
     check_onnx(dest, module)
     return ExportRecord(
@@ -205,10 +188,9 @@ def simplify_onnx(path: Path, external_data: bool, verify) -> bool:
     """
     import onnxslim
 
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet("onnxslim"):
         model = onnxslim.slim(str(path))
-    return _save_atomically(
+    return save_atomically(
         lambda p: onnx.save_model(model, str(p), save_as_external_data=external_data,
                                   location=p.name + ".data" if external_data else None),
         path, verify,

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from quant.errors import UserError
+from quant.errors import UserError, first_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched from a hub at run time
 
@@ -194,8 +194,7 @@ def _load_folder(folder: Path):
     try:
         pipe = WanPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad checkpoint, reported in one line
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{folder}: cannot load WanPipeline checkpoint: {first_line}") from None
+        raise UserError(f"{folder}: cannot load WanPipeline checkpoint: {first_line(exc)}") from None
     if hasattr(pipe.text_encoder, "set_attn_implementation"):
         pipe.text_encoder.set_attn_implementation("eager")  # exportable; see _text_encoder
     return pipe
@@ -245,6 +244,18 @@ def _config_json(config: dict) -> str:
     return json.dumps(public, sort_keys=True, default=str)
 
 
+def _tokenizer_json(tokenizer) -> str:
+    """The tokenizer's definition without its call-time state: calling it with padding/truncation
+    stores those settings in the backend, which must not change the model's fingerprint."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    definition = json.loads(backend.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return json.dumps(definition, sort_keys=True)
+
+
 def fingerprint(pipe) -> str:
     """A content hash of the pipeline: component configs, tokenizer, scheduler and all weights.
 
@@ -255,9 +266,7 @@ def fingerprint(pipe) -> str:
         module = getattr(pipe, name, None)
         if module is not None:
             _component_hash(digest, name, module)
-    tokenizer = pipe.tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    digest.update(_tokenizer_json(pipe.tokenizer).encode())
     digest.update(_config_json(pipe.scheduler.config).encode())
     digest.update(_config_json(pipe.config).encode())
     return "sha256:" + digest.hexdigest()[:16]

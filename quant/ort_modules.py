@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from quant.errors import UserError
+from quant.errors import UserError, first_line
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -47,8 +47,7 @@ def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several types for a bad file
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a loadable ONNX model ({message[:300]})") from None
+        raise UserError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
 
 
 def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -52,6 +52,7 @@ def precision_census(path: Path) -> dict:
     producers = {out: node for node in model.graph.node for out in node.output}
     types = _types(model, path)
     census: dict[str, dict[str, int]] = {op: {"int8": 0, "fp16": 0, "fp32": 0} for op in COMPUTE_OPS}
+    fp32_nodes: list[str] = []
     for node in model.graph.node:
         if node.op_type in INTEGER_OPS:
             census[INTEGER_OPS[node.op_type]]["int8"] += 1
@@ -64,12 +65,14 @@ def precision_census(path: Path) -> dict:
             census[node.op_type]["fp16"] += 1
         else:
             census[node.op_type]["fp32"] += 1
+            fp32_nodes.append(node.name or node.output[0])
     ops = [n.op_type for n in model.graph.node]
     return {
         "compute_ops": {op: c for op, c in census.items() if sum(c.values())},
         "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear"),
         "float16_initializers": sum(1 for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16),
         "nodes": len(ops),
+        "fp32_compute_nodes": fp32_nodes,
     }
 
 
@@ -100,11 +103,15 @@ def holdout_sqnr(fp32_path: Path, candidate_path: Path, reader) -> dict:
 def module_report(fp32_path: Path, path: Path, kept_fp32: dict, notes: list[str], holdout_reader, sample) -> dict:
     """Everything the quantization report says about one (module, recipe)."""
     sqnr = holdout_sqnr(fp32_path, path, holdout_reader)
+    census = precision_census(path)
+    why = {name: kept_fp32.get(name, "not selected by the quantizer (its op types/patterns do not cover this node, "
+                                     "e.g. an activation x activation MatMul or a Conv3d)")
+           for name in census["fp32_compute_nodes"]}
     return {
         "file": path.name,
         "size_bytes": onnx_size_bytes(path), "fp32_size_bytes": onnx_size_bytes(fp32_path),
-        "census": precision_census(path),
-        "kept_fp32": kept_fp32, "notes": notes,
+        "census": census,
+        "kept_fp32": kept_fp32, "fp32_compute_reasons": why, "notes": notes,
         "latency_ms": latency_ms(path, sample), "fp32_latency_ms": latency_ms(fp32_path, sample),
         **{k: (None if v is None or not np.isfinite(v) else v) if isinstance(v, float) else v for k, v in sqnr.items()},
         "identical_to_fp32": sqnr["sqnr_min_db"] == float("inf"),

@@ -13,8 +13,10 @@ recipe; adding a recipe adds a handler (``@register("name")``), not an ``if`` ch
   back step by step where the pre-processor fails on a graph (recorded, not fatal).
 - ``int8-dynamic``: ``quantize_dynamic`` (weights INT8, activations quantized at run time).
 
-Models over 2 GB are written with external data. ``inc-int8`` (Intel Neural Compressor) is
-not registered yet: asking for it is a clear error, not a silent fallback.
+- ``inc-int8``: Intel Neural Compressor 3.x's PyTorch PT2E static INT8, calibrated on the same
+  captured inputs, exported to ONNX QDQ and run in ONNX Runtime like the others.
+
+Models over 2 GB are written with external data.
 
 Example::
 
@@ -25,11 +27,7 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,7 +36,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from quant.errors import UserError
+from quant.errors import UserError, first_line
+from quant.quiet import quiet
 
 FP16_MAX = 65504.0
 EXTERNAL_DATA_BYTES = 2 * 1024**3
@@ -72,6 +71,23 @@ class QuantizeOptions:
             raise UserError(f"unknown calibration method '{self.method}' (methods: {', '.join(METHODS)})")
 
 
+@dataclass(frozen=True)
+class QuantizeJob:
+    """One module to quantize: the FP32 ONNX file, the destination, calibration and options.
+
+    ``torch_module`` builds the module's PyTorch adapter (``quant.adapters``) for recipes that
+    quantize in PyTorch (``inc-int8``); ``input_names``/``output_names`` are its ONNX names.
+    """
+
+    src: Path
+    dst: Path
+    calibration: ReaderFactory
+    options: "QuantizeOptions"
+    torch_module: Callable[[], object] | None = None
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+
+
 @dataclass
 class QuantizeResult:
     """What a handler did: FP32-kept nodes with reasons, and notes on workarounds taken."""
@@ -92,7 +108,9 @@ def register(recipe: str):
     return wrap
 
 
-def quantize(src: Path, dst: Path, recipe: str, calibration: ReaderFactory, options: QuantizeOptions = QuantizeOptions()) -> QuantizeResult:
+def quantize(src: Path, dst: Path, recipe: str, calibration: ReaderFactory, options: QuantizeOptions = QuantizeOptions(),
+             torch_module: Callable[[], object] | None = None, input_names: tuple[str, ...] = (),
+             output_names: tuple[str, ...] = ()) -> QuantizeResult:
     """Quantize the FP32 model ``src`` into ``dst`` with ``recipe``.
 
     Raises:
@@ -101,9 +119,10 @@ def quantize(src: Path, dst: Path, recipe: str, calibration: ReaderFactory, opti
     if recipe not in HANDLERS:
         raise UserError(f"recipe '{recipe}' cannot quantize here (available: {', '.join(HANDLERS)})")
     load_checked(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet():
-        return HANDLERS[recipe](Path(src), Path(dst), calibration, options)
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    job = QuantizeJob(Path(src), Path(dst), calibration, options, torch_module, tuple(input_names), tuple(output_names))
+    with quiet("neural_compressor", "torch", "torchao", "onnxruntime"):
+        return HANDLERS[recipe](job)
 
 
 def load_checked(path: Path, load_external_data: bool = True) -> onnx.ModelProto:
@@ -116,21 +135,7 @@ def load_checked(path: Path, load_external_data: bool = True) -> onnx.ModelProto
         onnx.checker.check_model(model if model.ByteSize() < EXTERNAL_DATA_BYTES else str(path))
         return model
     except Exception as exc:  # noqa: BLE001 - protobuf/checker raise several types for a bad file
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a valid ONNX model ({message[:200]})") from None
-
-
-@contextlib.contextmanager
-def _quiet():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
+        raise UserError(f"{path}: not a valid ONNX model ({first_line(exc, 200)})") from None
 
 
 def _large(model_or_path) -> bool:
@@ -143,9 +148,9 @@ def _large(model_or_path) -> bool:
 
 def save_model(model: onnx.ModelProto, dst: Path, external: bool) -> None:
     """Save ``model`` to ``dst`` (and ``dst.data`` when external) via a private folder, model file last."""
-    from quant.export import _save_atomically
+    from quant.export import save_atomically
 
-    _save_atomically(lambda p: onnx.save_model(model, str(p), save_as_external_data=external,
+    save_atomically(lambda p: onnx.save_model(model, str(p), save_as_external_data=external,
                                                location=p.name + ".data" if external else None), dst)
 
 
@@ -182,9 +187,10 @@ def fp16_overflow_nodes(model: onnx.ModelProto, ranges: dict[str, tuple[float, f
 
 
 @register("fp16")
-def _fp16(src: Path, dst: Path, calibration: ReaderFactory, options: QuantizeOptions) -> QuantizeResult:
+def _fp16(job: QuantizeJob) -> QuantizeResult:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    src, dst, calibration, options = job.src, job.dst, job.calibration, job.options
     model = onnx.load(str(src))
     result = QuantizeResult("fp16", dst)
     if options.fp16_guard:
@@ -304,7 +310,7 @@ def _preprocess(src: Path, work: Path, result: QuantizeResult) -> Path:
                 result.notes.append(f"quant_pre_process: used '{label}' (the full pass failed on this graph)")
             return out
         except Exception as exc:  # noqa: BLE001 - the pre-processor raises many types on graphs it cannot take
-            result.notes.append(f"quant_pre_process ({label}) failed: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}")
+            result.notes.append(f"quant_pre_process ({label}) failed: {first_line(exc, 160)}")
     result.notes.append("quantizing the cleaned graph without pre-processing")
     return cleaned
 
@@ -313,9 +319,10 @@ _METHOD = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
 @register("int8")
-def _int8_static(src: Path, dst: Path, calibration: ReaderFactory, options: QuantizeOptions) -> QuantizeResult:
+def _int8_static(job: QuantizeJob) -> QuantizeResult:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    src, dst, calibration, options = job.src, job.dst, job.calibration, job.options
     result = QuantizeResult("int8", dst)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         pre = _preprocess(src, Path(tmp), result)
@@ -333,9 +340,10 @@ def _int8_static(src: Path, dst: Path, calibration: ReaderFactory, options: Quan
 
 
 @register("int8-dynamic")
-def _int8_dynamic(src: Path, dst: Path, calibration: ReaderFactory, options: QuantizeOptions) -> QuantizeResult:
+def _int8_dynamic(job: QuantizeJob) -> QuantizeResult:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    src, dst, options = job.src, job.dst, job.options
     result = QuantizeResult("int8-dynamic", dst)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         cleaned = Path(tmp) / "clean.onnx"
@@ -345,4 +353,70 @@ def _int8_dynamic(src: Path, dst: Path, calibration: ReaderFactory, options: Qua
                          nodes_to_exclude=list(options.nodes_to_exclude) or None, use_external_data_format=_large(cleaned))
         save_model(onnx.load(str(Path(tmp) / dst.name)), dst, _large(Path(tmp) / dst.name))
     result.kept_fp32 = {n: "excluded by configuration" for n in options.nodes_to_exclude}
+    return result
+
+
+_INC_ACT_ALGO = {"minmax": "minmax", "entropy": "kl"}
+
+
+def _import_inc():
+    """Import INC's PT2E API without its INFO chatter: INC's logger takes its level from the
+    ``LOGLEVEL`` environment variable when first imported, so set it only for the import."""
+    import logging
+    import os
+
+    previous = os.environ.get("LOGLEVEL")
+    os.environ["LOGLEVEL"] = "ERROR"
+    try:
+        from neural_compressor.torch.export import export
+        from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
+    finally:
+        if previous is None:
+            os.environ.pop("LOGLEVEL", None)
+        else:
+            os.environ["LOGLEVEL"] = previous
+    logging.getLogger("neural_compressor").setLevel(logging.ERROR)
+    return export, StaticQuantConfig, convert, prepare
+
+
+@register("inc-int8")
+def _inc_int8(job: QuantizeJob) -> QuantizeResult:
+    """Intel Neural Compressor 3.x, PyTorch PT2E static INT8, then ONNX QDQ via the dynamo exporter.
+
+    neural-compressor 3.x no longer quantizes ONNX graphs, so the module is quantized in PyTorch
+    (INC's ``export`` -> ``prepare`` -> calibration on the captured inputs -> ``convert``) and the
+    quantized graph is exported; its quantize/dequantize ops become QuantizeLinear/DequantizeLinear.
+    """
+    import torch
+
+    from quant.export import export_program, save_atomically
+
+    if job.torch_module is None:
+        raise UserError("recipe 'inc-int8' quantizes the PyTorch module: give the model (quant-audit quantize --model)")
+    if job.options.method not in _INC_ACT_ALGO:
+        raise UserError(f"recipe 'inc-int8' calibrates with minmax or entropy (KL), not '{job.options.method}'")
+    if job.options.op_types or job.options.nodes_to_exclude:
+        raise UserError("recipe 'inc-int8' takes no --op-type/--exclude (INC's X86 quantizer picks the ops)")
+    export, StaticQuantConfig, convert, prepare = _import_inc()
+
+    reader = job.calibration()
+    first = reader.get_next()
+    if first is None:
+        raise UserError(f"{job.src}: no calibration samples for this module")
+    as_args = lambda sample: tuple(torch.from_numpy(sample[n]) for n in job.input_names)  # noqa: E731
+    example = as_args(first)
+    config = StaticQuantConfig(act_algo=_INC_ACT_ALGO[job.options.method],
+                               w_granularity="per_channel" if job.options.per_channel else "per_tensor")
+    # PT2E works on the exported graph; the pipeline's own module is left as it was (the FP32
+    # reference every variant is scored against): tests/test_quantize.py checks its fingerprint.
+    with torch.no_grad():
+        prepared = prepare(export(job.torch_module(), example_inputs=example), quant_config=config)
+        prepared(*example)
+        while (sample := reader.get_next()) is not None:
+            prepared(*as_args(sample))
+        quantized = convert(prepared)
+    program = export_program(quantized, example, job.input_names, job.output_names, 18, dynamic=False)
+    save_atomically(lambda p: program.save(p, external_data=None), job.dst)
+    result = QuantizeResult("inc-int8", job.dst)
+    result.notes.append("batch axis is static (1, as the pipeline calls each module): the PT2E graph is exported as captured")
     return result

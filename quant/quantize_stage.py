@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from quant.adapters import torch_module
 from quant.calibration import open_calibration
 from quant.environment import versions
 from quant.errors import UserError
@@ -54,7 +55,9 @@ def quantize_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pa
     entries = {}
     for module in progress(names, f"quantize {recipe}", "module", show_progress):
         src, dst = onnx_path(root, "onnx", module), onnx_path(root, recipe, module)
-        result = quantize(src, dst, recipe, lambda m=module: calibration.reader(m), options)
+        result = quantize(src, dst, recipe, lambda m=module: calibration.reader(m), options,
+                          torch_module=lambda m=module: torch_module(model.pipe, m),
+                          input_names=MODULE_IO[module].inputs, output_names=MODULE_IO[module].outputs)
         sample = calibration.reader(module, "holdout").get_next() or calibration.reader(module).get_next()
         entries[module] = module_report(src, dst, result.kept_fp32, result.notes, calibration.reader(module, "holdout"), sample)
     model_doc = {"name": model.name, "source": model.source, "fingerprint": model.fingerprint}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quant.errors import UserError
+from quant.errors import UserError, first_line
 from quant.io_utils import atomic_path
 
 LATENTS_DIR = "latents"
@@ -51,7 +51,7 @@ def load_frames(path: Path) -> np.ndarray:
                 raise UserError(f"{path}: no 'frames' array (has: {', '.join(data.files) or 'nothing'})")
             frames = data["frames"]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise UserError(f"{path}: not a readable .npz video ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise UserError(f"{path}: not a readable .npz video ({first_line(exc)})") from None
     if frames.dtype != np.uint8:
         raise UserError(f"{path}: 'frames' must be uint8, got {frames.dtype}")
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -81,7 +81,7 @@ def read_video(path: Path) -> np.ndarray:
         with av.open(str(path)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     except (av.FFmpegError, OSError, IndexError, ValueError) as exc:
-        raise UserError(f"{path}: cannot decode video ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise UserError(f"{path}: cannot decode video ({first_line(exc)})") from None
     if not frames:
         raise UserError(f"{path}: video has no frames")
     return np.stack(frames)
@@ -118,7 +118,7 @@ def load_trajectory(path: Path) -> dict[str, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as data:
             out = {k: data[k] for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise UserError(f"{path}: not a readable latent trajectory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise UserError(f"{path}: not a readable latent trajectory ({first_line(exc)})") from None
     if "latents" not in out or "timesteps" not in out:
         raise UserError(f"{path}: a latent trajectory needs 'latents' and 'timesteps' arrays")
     return out

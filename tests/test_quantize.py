@@ -25,7 +25,7 @@ from quant.quantize import QuantizeOptions, quantize
 from quant.quantize_stage import quantize_pipeline
 from quant.variants import parse_variant
 
-RECIPES = ("fp16", "int8", "int8-dynamic")
+RECIPES = ("fp16", "int8", "int8-dynamic", "inc-int8")
 CAL_PROMPTS = tuple(read_prompts(DEFAULT_CALIBRATION_PROMPTS))
 
 
@@ -75,7 +75,9 @@ def test_each_expert_is_calibrated_on_its_own_timesteps(t2v_quant):
     high = [s["timestep"] for s in modules["transformer"]["samples"]]
     low = [s["timestep"] for s in modules["transformer_2"]["samples"]]
     assert high and low and min(high) >= boundary and max(low) < boundary
-    assert len({s["step"] for s in modules["transformer_2"]["samples"]}) >= 3  # spread over the expert's steps
+    low_steps = {s["step"] for s in modules["transformer_2"]["samples"]}
+    high_steps = {s["step"] for s in modules["transformer"]["samples"]}
+    assert len(low_steps) + len(high_steps) == SMALL.num_inference_steps  # every step of each expert is sampled
     assert any(s["holdout"] for s in modules["transformer"]["samples"])
 
 
@@ -91,6 +93,15 @@ def test_calibration_cache_is_reused_and_recomputed_when_stale(t2v, tmp_path):
     assert not repaired.reused and np.load(sample, allow_pickle=False)["latent"].ndim == 5
     changed = calibrate(t2v, CalibrationSpec(CAL_PROMPTS[:4], (0,), 6), SMALL, tmp_path, show_progress=False)
     assert not changed.reused and changed.manifest["key"] != first.manifest["key"]
+
+
+def test_spread_covers_every_call_position():
+    from quant.calibration import spread_indices
+
+    chosen = spread_indices(10, 20, 16)  # 10 calls per generation, 20 generations, 16 samples
+    assert len(chosen) == 16 and {i % 10 for i in chosen} == set(range(10))
+    assert len({i // 10 for i in chosen}) == 16  # and 16 different generations
+    assert spread_indices(10, 1, 4) == [0, 2, 5, 7] and spread_indices(3, 1, 8) == [0, 1, 2]
 
 
 def test_reader_streams_one_sample_at_a_time(t2v_quant):
@@ -211,7 +222,7 @@ def quant_root(t2v_quant, tmp_path) -> Path:
     (["--recipe", "int4"], "unknown recipe 'int4'"),
     (["--recipe", "onnx"], "not a quantization recipe"),
     (["--recipe", "int8", "--method", "kl"], "unknown calibration method 'kl'"),
-    (["--recipe", "inc-int8"], "cannot quantize here"),
+    (["--recipe", "inc-int8", "--method", "percentile"], "minmax or entropy"),
     (["--recipe", "int8", "--module", "unet"], "unknown module 'unet'"),
 ])
 def test_quantize_bad_arguments_exit_2(quant_root, capsys, args, message):
@@ -256,3 +267,16 @@ def test_calibrate_command_reports_and_reuses(t2v_export, tmp_path, capsys):
     assert main(args) == 0 and "reused calibration" in capsys.readouterr().out
     prompts.write_text("\n".join(CAL_PROMPTS[:5]), encoding="utf-8")
     assert main(args) == 2 and "at least 16 are needed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["t2v_quant", "ti2v_quant"])
+def test_inc_int8_graphs_are_qdq_and_leave_the_model_untouched(request, which):
+    from quant.models import fingerprint
+
+    quant = request.getfixturevalue(which)
+    assert fingerprint(quant.model.pipe) == quant.model.fingerprint  # PT2E worked on a copy of the graph
+    for module in present_modules(quant.model.pipe):
+        census = precision_census(quant.root / "onnx" / "inc-int8" / f"{module}.onnx")
+        assert census["quantize_linear"] > 0 and sum(c["int8"] for c in census["compute_ops"].values()) > 0, module
+    report = quant.reports["inc-int8"]["modules"]["transformer"]
+    assert report["sqnr_min_db"] is not None and report["sqnr_min_db"] > 10
