@@ -28,7 +28,7 @@ import onnx
 import torch
 
 from quant.adapters import torch_module
-from quant.errors import CheckFailed, UserError
+from quant.errors import CheckFailed, UserError, first_line
 from quant.modules import MODULE_IO
 from quant.quiet import quiet
 
@@ -144,7 +144,7 @@ def check_onnx(path: Path, module: str) -> None:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
-        raise CheckFailed(f"{module}: exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise CheckFailed(f"{module}: exported ONNX fails onnx.checker: {first_line(exc)}") from None
 
 
 def export_module(pipe, module: str, example: dict[str, np.ndarray], dest: Path,
@@ -180,6 +180,13 @@ def export_module(pipe, module: str, example: dict[str, np.ndarray], dest: Path,
     )
 
 
+def save_model(model: onnx.ModelProto, dest: Path, external: bool, verify=None) -> bool:
+    """Save ``model`` to ``dest`` (weights in ``dest.data`` when ``external``) through
+    ``save_atomically``; returns False if ``verify`` rejected it."""
+    return save_atomically(lambda p: onnx.save_model(model, str(p), save_as_external_data=external,
+                                                     location=p.name + ".data" if external else None), dest, verify)
+
+
 def simplify_onnx(path: Path, external_data: bool, verify) -> bool:
     """Replace ``path`` by onnxslim's simplification of it if ``verify(candidate_path)`` holds.
 
@@ -190,8 +197,4 @@ def simplify_onnx(path: Path, external_data: bool, verify) -> bool:
 
     with quiet("onnxslim"):
         model = onnxslim.slim(str(path))
-    return save_atomically(
-        lambda p: onnx.save_model(model, str(p), save_as_external_data=external_data,
-                                  location=p.name + ".data" if external_data else None),
-        path, verify,
-    )
+    return save_model(model, path, external_data, verify)

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
@@ -76,9 +77,8 @@ def precision_census(path: Path) -> dict:
     }
 
 
-def latency_ms(path: Path, inputs: dict[str, np.ndarray], warmup: int = 2, runs: int = 7) -> float:
-    """Median ONNX Runtime CPU latency of one call, in milliseconds."""
-    session = open_session(path)
+def latency_ms(session, inputs: dict[str, np.ndarray], warmup: int = 2, runs: int = 7) -> float:
+    """Median ONNX Runtime CPU latency of one call of ``session``, in milliseconds."""
     for _ in range(warmup):
         run_session(session, inputs)
     times = []
@@ -89,20 +89,23 @@ def latency_ms(path: Path, inputs: dict[str, np.ndarray], warmup: int = 2, runs:
     return statistics.median(times)
 
 
-def holdout_sqnr(fp32_path: Path, candidate_path: Path, reader) -> dict:
-    """SQNR (dB) of the candidate's output against FP32's over every sample ``reader`` yields."""
-    reference, candidate = open_session(fp32_path), open_session(candidate_path)
+def holdout_sqnr(reference, candidate, reader) -> list[float]:
+    """SQNR (dB) of ``candidate``'s output against ``reference``'s (sessions) on every sample of ``reader``."""
     values = []
     while (inputs := reader.get_next()) is not None:
         values.append(sqnr_db(run_session(candidate, inputs)[0], run_session(reference, inputs)[0]))
-    finite = [v for v in values if np.isfinite(v)]
-    return {"samples": len(values), "sqnr_min_db": min(values) if values else None,
-            "sqnr_mean_db": float(np.mean(finite)) if finite else (values[0] if values else None)}
+    return values
 
 
 def module_report(fp32_path: Path, path: Path, kept_fp32: dict, notes: list[str], holdout_reader, sample) -> dict:
-    """Everything the quantization report says about one (module, recipe)."""
-    sqnr = holdout_sqnr(fp32_path, path, holdout_reader)
+    """Everything the quantization report says about one (module, recipe).
+
+    SQNR statistics are over the finite values; ``identical_to_fp32`` says every held-back output
+    was bit-identical (+inf), ``nonfinite_output`` that one had NaN/Inf (-inf).
+    """
+    reference, candidate = open_session(fp32_path), open_session(path)
+    values = holdout_sqnr(reference, candidate, holdout_reader)
+    finite = [v for v in values if math.isfinite(v)]
     census = precision_census(path)
     why = {name: kept_fp32.get(name, "not selected by the quantizer (its op types/patterns do not cover this node, "
                                      "e.g. an activation x activation MatMul or a Conv3d)")
@@ -112,8 +115,10 @@ def module_report(fp32_path: Path, path: Path, kept_fp32: dict, notes: list[str]
         "size_bytes": onnx_size_bytes(path), "fp32_size_bytes": onnx_size_bytes(fp32_path),
         "census": census,
         "kept_fp32": kept_fp32, "fp32_compute_reasons": why, "notes": notes,
-        "latency_ms": latency_ms(path, sample), "fp32_latency_ms": latency_ms(fp32_path, sample),
-        **{k: (None if v is None or not np.isfinite(v) else v) if isinstance(v, float) else v for k, v in sqnr.items()},
-        "identical_to_fp32": sqnr["sqnr_min_db"] == float("inf"),
-        "nonfinite_output": sqnr["sqnr_min_db"] == float("-inf"),
+        "latency_ms": latency_ms(candidate, sample), "fp32_latency_ms": latency_ms(reference, sample),
+        "samples": len(values),
+        "sqnr_min_db": min(finite) if finite else None,
+        "sqnr_mean_db": float(np.mean(finite)) if finite else None,
+        "identical_to_fp32": bool(values) and all(v == math.inf for v in values),
+        "nonfinite_output": any(v == -math.inf for v in values),
     }

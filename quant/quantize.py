@@ -37,6 +37,7 @@ import onnx
 from onnx import TensorProto
 
 from quant.errors import UserError, first_line
+from quant.export import export_program, onnx_size_bytes, save_atomically, save_model
 from quant.quiet import quiet
 
 FP16_MAX = 65504.0
@@ -118,22 +119,21 @@ def quantize(src: Path, dst: Path, recipe: str, calibration: ReaderFactory, opti
     """
     if recipe not in HANDLERS:
         raise UserError(f"recipe '{recipe}' cannot quantize here (available: {', '.join(HANDLERS)})")
-    load_checked(src)
+    check_onnx_file(src)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     job = QuantizeJob(Path(src), Path(dst), calibration, options, torch_module, tuple(input_names), tuple(output_names))
     with quiet("neural_compressor", "torch", "torchao", "onnxruntime"):
         return HANDLERS[recipe](job)
 
 
-def load_checked(path: Path, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file, turning a missing, truncated or corrupt file into a UserError."""
+def check_onnx_file(path: Path) -> None:
+    """Raise UserError for a missing, truncated or corrupt ONNX file (``onnx.checker`` by path,
+    which follows external data without loading the model into Python)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: ONNX model not found")
     try:
-        model = onnx.load(str(path), load_external_data=load_external_data)
-        onnx.checker.check_model(model if model.ByteSize() < EXTERNAL_DATA_BYTES else str(path))
-        return model
+        onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001 - protobuf/checker raise several types for a bad file
         raise UserError(f"{path}: not a valid ONNX model ({first_line(exc, 200)})") from None
 
@@ -141,17 +141,7 @@ def load_checked(path: Path, load_external_data: bool = True) -> onnx.ModelProto
 def _large(model_or_path) -> bool:
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path.ByteSize() >= EXTERNAL_DATA_BYTES
-    p = Path(model_or_path)
-    data = Path(str(p) + ".data")
-    return p.stat().st_size + (data.stat().st_size if data.exists() else 0) >= EXTERNAL_DATA_BYTES
-
-
-def save_model(model: onnx.ModelProto, dst: Path, external: bool) -> None:
-    """Save ``model`` to ``dst`` (and ``dst.data`` when external) via a private folder, model file last."""
-    from quant.export import save_atomically
-
-    save_atomically(lambda p: onnx.save_model(model, str(p), save_as_external_data=external,
-                                               location=p.name + ".data" if external else None), dst)
+    return onnx_size_bytes(Path(model_or_path)) >= EXTERNAL_DATA_BYTES
 
 
 def tensor_ranges(src: Path, calibration: ReaderFactory) -> dict[str, tuple[float, float]]:
@@ -286,11 +276,15 @@ def _drop_duplicate_nodes(model: onnx.ModelProto) -> int:
     return removed
 
 
-def _clean_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop intermediate ``value_info``: exported graphs carry shapes that later passes make stale,
-    and shape inference in the quantizer trips over them. It is recomputed."""
+def _cleaned_copy(src: Path, work: Path) -> Path:
+    """``src`` without intermediate ``value_info``, saved in ``work``: exported graphs carry shapes
+    that later passes make stale, and shape inference in the quantizers trips over them. It is
+    recomputed."""
+    model = onnx.load(str(src))
     del model.graph.value_info[:]
-    return model
+    cleaned = work / "clean.onnx"
+    save_model(model, cleaned, _large(src))
+    return cleaned
 
 
 def _preprocess(src: Path, work: Path, result: QuantizeResult) -> Path:
@@ -298,8 +292,7 @@ def _preprocess(src: Path, work: Path, result: QuantizeResult) -> Path:
     without optimization, then the cleaned graph as is. Each fallback is noted."""
     from onnxruntime.quantization import quant_pre_process
 
-    cleaned = work / "clean.onnx"
-    save_model(_clean_value_info(onnx.load(str(src))), cleaned, _large(src))
+    cleaned = _cleaned_copy(src, work)
     attempts = [("full", {}), ("no symbolic shape inference", {"skip_symbolic_shape": True}),
                 ("no optimization", {"skip_symbolic_shape": True, "skip_optimization": True})]
     for label, kwargs in attempts:
@@ -326,15 +319,16 @@ def _int8_static(job: QuantizeJob) -> QuantizeResult:
     result = QuantizeResult("int8", dst)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         pre = _preprocess(src, Path(tmp), result)
-        quantize_static(
-            str(pre), str(Path(tmp) / dst.name), calibration(), quant_format=QuantFormat.QDQ,
+        # The quantizer writes into save_atomically's private folder (its external data is named
+        # <file>.data, as ours), so the result is moved into place without a reload.
+        save_atomically(lambda out: quantize_static(
+            str(pre), str(out), calibration(), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(options.op_types or DEFAULT_STATIC_OPS), per_channel=options.per_channel,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=list(options.nodes_to_exclude) or None, use_external_data_format=_large(pre),
             calibrate_method=getattr(CalibrationMethod, _METHOD[options.method]),
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
-        save_model(onnx.load(str(Path(tmp) / dst.name)), dst, _large(Path(tmp) / dst.name))
+        ), dst)
     result.kept_fp32 = {n: "excluded by configuration" for n in options.nodes_to_exclude}
     return result
 
@@ -346,12 +340,11 @@ def _int8_dynamic(job: QuantizeJob) -> QuantizeResult:
     src, dst, options = job.src, job.dst, job.options
     result = QuantizeResult("int8-dynamic", dst)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        cleaned = Path(tmp) / "clean.onnx"
-        save_model(_clean_value_info(onnx.load(str(src))), cleaned, _large(src))
-        quantize_dynamic(str(cleaned), str(Path(tmp) / dst.name), op_types_to_quantize=list(options.op_types or DEFAULT_DYNAMIC_OPS),
-                         per_channel=options.per_channel, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=list(options.nodes_to_exclude) or None, use_external_data_format=_large(cleaned))
-        save_model(onnx.load(str(Path(tmp) / dst.name)), dst, _large(Path(tmp) / dst.name))
+        cleaned = _cleaned_copy(src, Path(tmp))
+        save_atomically(lambda out: quantize_dynamic(
+            str(cleaned), str(out), op_types_to_quantize=list(options.op_types or DEFAULT_DYNAMIC_OPS),
+            per_channel=options.per_channel, weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(options.nodes_to_exclude) or None, use_external_data_format=_large(cleaned)), dst)
     result.kept_fp32 = {n: "excluded by configuration" for n in options.nodes_to_exclude}
     return result
 
@@ -388,8 +381,6 @@ def _inc_int8(job: QuantizeJob) -> QuantizeResult:
     quantized graph is exported; its quantize/dequantize ops become QuantizeLinear/DequantizeLinear.
     """
     import torch
-
-    from quant.export import export_program, save_atomically
 
     if job.torch_module is None:
         raise UserError("recipe 'inc-int8' quantizes the PyTorch module: give the model (quant-audit quantize --model)")
