@@ -233,7 +233,7 @@ def calibrate(model: LoadedModel, spec: CalibrationSpec, settings: GenerationSet
             generate_video(model.pipe, prompt, seed, settings)
     manifest = {
         "schema_version": SCHEMA_VERSION, "key": key,
-        "model": {"name": model.name, "fingerprint": model.fingerprint},
+        "model": model.identity(),
         "spec": asdict(spec), "settings": settings.to_dict(),
         "modules": {m: {"calls": sink.seen[m], "samples": sink.entries[m]} for m in per_gen},
     }

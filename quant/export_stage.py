@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,15 +22,15 @@ from quant.adapters import torch_module
 from quant.capture import Sample, SampleList, record_inputs
 from quant.environment import versions
 from quant.export import ExportOptions, ExportRecord, batch_of_two, export_module, onnx_size_bytes, simplify_onnx
-from quant.io_utils import atomic_write_json, sha256_file
+from quant.io_utils import atomic_write_json
 from quant.models import LoadedModel
-from quant.modules import MODULE_IO, check_module_name, present_modules
+from quant.modules import check_module_name, present_modules
 from quant.ort_modules import open_session
 from quant.parity import PARITY_THRESHOLD, Parity, measure_parity
 from quant.progress import progress
-from quant.pipeline import MANIFEST, generate_video, shape_key
+from quant.pipeline import generate_video, previous_modules, shape_key, write_onnx_manifest
 from quant.settings import GenerationSettings
-from quant.variants import onnx_dir, onnx_path
+from quant.variants import onnx_path
 
 SCHEMA_VERSION = 1
 PARITY_SAMPLES = 4
@@ -91,28 +90,14 @@ def _export_one(model, module, samples, root, options, bar) -> tuple[ExportRecor
     return record, parity
 
 
-def _previous(path: Path, model: LoadedModel, settings: GenerationSettings) -> dict:
-    """Module entries of an earlier record at ``path`` for the same model and shape, else {}.
-
-    Exporting a subset of modules (``--module``) keeps the other modules' entries.
-    """
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    same = doc.get("model", {}).get("fingerprint") == model.fingerprint and doc.get("shape") == shape_key(settings)
-    return dict(doc.get("modules", {})) if same and doc.get("schema_version") == SCHEMA_VERSION else {}
-
-
 def _write_records(model, settings, root, report, prompts, seed, options) -> None:
-    parity_path, manifest_path = root / "parity.json", onnx_dir(root, "onnx") / MANIFEST
-    modules = _previous(parity_path, model, settings)
+    parity_path = root / "parity.json"
+    modules = previous_modules(parity_path, model, settings, SCHEMA_VERSION)
     for record, parity in zip(report.records, report.parity):
         modules[record.module] = {**parity.to_dict(), "export": {**record.to_dict(), "path": Path(record.path).name}}
-    model_doc = {"name": model.name, "source": model.source, "fingerprint": model.fingerprint}
     atomic_write_json(parity_path, {
         "schema_version": SCHEMA_VERSION,
-        "model": model_doc,
+        "model": model.identity(),
         "settings": settings.to_dict(),
         "shape": shape_key(settings),
         "capture": {"prompts": prompts[:2], "seed": seed, "samples_per_module": PARITY_SAMPLES},
@@ -124,13 +109,8 @@ def _write_records(model, settings, root, report, prompts, seed, options) -> Non
         "passed": all(m["passed"] for m in modules.values()),
         "modules": modules,
     })
-    entries = _previous(manifest_path, model, settings)
-    for r, p in zip(report.records, report.parity):
-        entries[r.module] = {"file": Path(r.path).name, "sha256": sha256_file(Path(r.path)),
-                             "inputs": list(MODULE_IO[r.module].inputs), "outputs": list(MODULE_IO[r.module].outputs),
-                             "parity_passed": p.passed}
-    atomic_write_json(manifest_path, {"schema_version": SCHEMA_VERSION, "recipe": "onnx", "model": model_doc,
-                                      "shape": shape_key(settings), "modules": entries})
+    write_onnx_manifest(root, "onnx", model, settings, {r.module: Path(r.path) for r in report.records},
+                        {p.module: {"parity_passed": p.passed} for p in report.parity})
 
 
 def export_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path, prompts: list[str],

@@ -54,7 +54,7 @@ def _manifest(model: LoadedModel, variant: Variant, settings: GenerationSettings
         "schema_version": SCHEMA_VERSION,
         "variant": variant.name,
         "modules": variant.modules,
-        "model": {"name": model.name, "source": model.source, "fingerprint": model.fingerprint},
+        "model": model.identity(),
         "settings": settings.to_dict(),
         "versions": versions(),
         "videos": [asdict(r) for r in records],

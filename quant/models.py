@@ -49,6 +49,10 @@ class LoadedModel:
     pipe: object
     fingerprint: str
 
+    def identity(self) -> dict:
+        """How run files name the model: ``name``, ``source``, ``fingerprint``."""
+        return {"name": self.name, "source": self.source, "fingerprint": self.fingerprint}
+
 
 def build_tokenizer():
     """A byte-level tokenizer built in code (T5 conventions: pad=0, eos=1, unk=2, eos appended).

@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 from quant.errors import UserError
+from quant.io_utils import atomic_write_json, sha256_file
 from quant.models import LoadedModel
+from quant.modules import MODULE_IO
 from quant.ort_modules import STAND_INS, open_session
 from quant.settings import GenerationSettings
-from quant.variants import RECIPES, Variant, onnx_path
+from quant.variants import RECIPES, Variant, onnx_dir, onnx_path
 from quant.video_io import to_uint8
 
 MANIFEST = "manifest.json"
@@ -93,6 +95,32 @@ def shape_key(settings: GenerationSettings | dict) -> dict:
     """The settings an exported graph's static shapes depend on."""
     get = settings.get if isinstance(settings, dict) else lambda k: getattr(settings, k)
     return {k: get(k) for k in SHAPE_SETTINGS}
+
+
+def previous_modules(path: Path, model: LoadedModel, settings: GenerationSettings, schema_version: int = 1) -> dict:
+    """The ``modules`` of an earlier record at ``path`` made for the same model and frame shape,
+    else {}: a run over some modules (``--module``) keeps the others' entries."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    same = (doc.get("schema_version") == schema_version and doc.get("shape") == shape_key(settings)
+            and doc.get("model", {}).get("fingerprint") == model.fingerprint)
+    return dict(doc.get("modules", {})) if same else {}
+
+
+def write_onnx_manifest(root: Path, recipe: str, model: LoadedModel, settings: GenerationSettings,
+                        files: dict[str, Path], extra: dict[str, dict] | None = None) -> None:
+    """Write ``<root>/onnx/<folder>/manifest.json`` for ``files`` (module -> ONNX path), keeping
+    earlier entries of the same model and shape. ``check_onnx_folder`` reads it back."""
+    path = onnx_dir(root, recipe) / MANIFEST
+    entries = previous_modules(path, model, settings)
+    for module, onnx_file in files.items():
+        entries[module] = {"file": Path(onnx_file).name, "sha256": sha256_file(Path(onnx_file)),
+                           "inputs": list(MODULE_IO[module].inputs), "outputs": list(MODULE_IO[module].outputs),
+                           **(extra or {}).get(module, {})}
+    atomic_write_json(path, {"schema_version": 1, "recipe": recipe, "model": model.identity(),
+                             "shape": shape_key(settings), "modules": entries})
 
 
 def check_onnx_folder(root: Path, recipe: str, model: LoadedModel, settings: GenerationSettings) -> dict:

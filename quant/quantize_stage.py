@@ -20,17 +20,17 @@ from quant.adapters import torch_module
 from quant.calibration import open_calibration
 from quant.environment import versions
 from quant.errors import UserError
-from quant.io_utils import atomic_write_json, sha256_file
+from quant.io_utils import atomic_write_json
 from quant.models import LoadedModel
 from quant.modules import MODULE_IO, check_module_name, present_modules
-from quant.pipeline import MANIFEST, check_onnx_folder, shape_key
+from quant.pipeline import check_onnx_folder, previous_modules, shape_key, write_onnx_manifest
 from quant.progress import progress
 from quant.quant_report import module_report
 from quant.quantize import QuantizeOptions, quantize
 from quant.settings import GenerationSettings
-from quant.variants import check_recipe, onnx_dir, onnx_path
+from quant.variants import check_recipe, onnx_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the report records the frame shape, and keeps other modules' entries
 
 
 def report_path(root: Path, recipe: str) -> Path:
@@ -60,14 +60,11 @@ def quantize_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pa
                           input_names=MODULE_IO[module].inputs, output_names=MODULE_IO[module].outputs)
         sample = calibration.reader(module, "holdout").get_next() or calibration.reader(module).get_next()
         entries[module] = module_report(src, dst, result.kept_fp32, result.notes, calibration.reader(module, "holdout"), sample)
-    model_doc = {"name": model.name, "source": model.source, "fingerprint": model.fingerprint}
-    manifest = {"schema_version": SCHEMA_VERSION, "recipe": recipe, "model": model_doc, "shape": shape_key(settings),
-                "modules": {m: {"file": e["file"], "sha256": sha256_file(onnx_path(root, recipe, m)),
-                                "inputs": list(MODULE_IO[m].inputs), "outputs": list(MODULE_IO[m].outputs)}
-                            for m, e in entries.items()}}
-    atomic_write_json(onnx_dir(root, recipe) / MANIFEST, manifest)
-    report = {"schema_version": SCHEMA_VERSION, "recipe": recipe, "model": model_doc, "options": asdict(options),
+    write_onnx_manifest(root, recipe, model, settings, {m: onnx_path(root, recipe, m) for m in entries})
+    path = report_path(root, recipe)
+    report = {"schema_version": SCHEMA_VERSION, "recipe": recipe, "model": model.identity(), "shape": shape_key(settings),
+              "options": asdict(options),
               "calibration": {"key": calibration.manifest["key"], "spec": calibration.manifest["spec"]},
-              "versions": versions(), "modules": entries}
-    atomic_write_json(report_path(root, recipe), report)
+              "versions": versions(), "modules": {**previous_modules(path, model, settings, SCHEMA_VERSION), **entries}}
+    atomic_write_json(path, report)
     return report

@@ -280,3 +280,13 @@ def test_inc_int8_graphs_are_qdq_and_leave_the_model_untouched(request, which):
         assert census["quantize_linear"] > 0 and sum(c["int8"] for c in census["compute_ops"].values()) > 0, module
     report = quant.reports["inc-int8"]["modules"]["transformer"]
     assert report["sqnr_min_db"] is not None and report["sqnr_min_db"] > 10
+
+
+def test_quantizing_one_module_keeps_the_others(t2v, quant_root):
+    import json
+
+    quantize_pipeline(t2v, SMALL, quant_root, "int8", modules=["transformer"], show_progress=False)
+    manifest = json.loads((quant_root / "onnx" / "int8" / "manifest.json").read_text())
+    report = json.loads((quant_root / "quantization" / "int8.json").read_text())
+    assert set(manifest["modules"]) == set(report["modules"]) == set(present_modules(t2v.pipe))
+    assemble(t2v, parse_variant("int8", present_modules(t2v.pipe)), quant_root, SMALL)  # all four still listed
