@@ -53,6 +53,15 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-len", type=int, default=G.max_sequence_length, dest="max_sequence_length")
 
 
+def _model_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    """A subcommand that loads a model into a run folder and takes the generation settings."""
+    p = sub.add_parser(name, help=help)
+    _add_model_args(p)
+    _add_settings_args(p)
+    p.set_defaults(func=func)
+    return p
+
+
 def _settings(args):
     from quant.settings import GenerationSettings
 
@@ -111,6 +120,8 @@ def cmd_generate(args) -> int:
     from quant.variants import parse_variant
 
     settings, prompts, seeds = _settings(args), _prompts(args), parse_seeds(args.seeds)
+    if args.fps < 1:
+        raise UserError(f"--fps must be a positive integer, got {args.fps}")
     model = load_model(args.model)
     variant = parse_variant(args.variant, present_modules(model.pipe))
     records = generate_variant(model, variant, prompts, seeds, settings, args.out, fps=args.fps)
@@ -179,9 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="quant-audit", description="Audit what quantization does to a text-to-video pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("export", help="PyTorch modules -> FP32 ONNX, with a parity check against PyTorch")
-    _add_model_args(p)
-    _add_settings_args(p)
+    p = _model_command(sub, "export", "PyTorch modules -> FP32 ONNX, with a parity check against PyTorch", cmd_export)
     p.add_argument("--prompts", type=Path, help="prompts whose generation supplies parity inputs (default eval.txt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--opset", type=int, default=18)
@@ -189,29 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-batch", action="store_true", help="do not try a dynamic batch axis")
     p.add_argument("--simplify", action="store_true", help="simplify with onnxslim, kept only if parity holds")
     p.add_argument("--module", action="append", help="export only this module (repeatable; default all)")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="fixed-seed videos for one variant")
-    _add_model_args(p)
-    _add_settings_args(p)
+    p = _model_command(sub, "generate", "fixed-seed videos for one variant", cmd_generate)
     p.add_argument("--variant", default="torch", help="torch, onnx, <recipe> or <recipe>@<module>")
     p.add_argument("--prompts", type=Path, help="prompt file, one per line (default calibration_data/prompts/eval.txt)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--fps", type=int, default=8, help="frame rate of the .webp preview")
-    p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("calibrate", help="capture calibration inputs for every module")
-    _add_model_args(p)
-    _add_settings_args(p)
+    p = _model_command(sub, "calibrate", "capture calibration inputs for every module", cmd_calibrate)
     p.add_argument("--prompts", type=Path, help="calibration prompts (default calibration_data/prompts/calibration.txt)")
     p.add_argument("--eval-prompts", type=Path, help="evaluation prompts they must not overlap (default eval.txt)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds per prompt (default 0)")
     p.add_argument("--samples", type=int, default=16, help="samples kept per module, spread over its calls (default 16)")
-    p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("quantize", help="FP32 ONNX -> FP16 / INT8 ONNX")
-    _add_model_args(p)
-    _add_settings_args(p)
+    p = _model_command(sub, "quantize", "FP32 ONNX -> FP16 / INT8 ONNX", cmd_quantize)
     p.add_argument("--recipe", required=True, help="fp16, int8, int8-dynamic or inc-int8")
     p.add_argument("--method", default="minmax", help="INT8 calibration: minmax, entropy or percentile")
     p.add_argument("--module", action="append", help="quantize only this module (repeatable; default all)")
@@ -219,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", help="node name to keep in FP32 (repeatable)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
     p.add_argument("--no-fp16-guard", action="store_true", help="convert every node to FP16, even where it overflows")
-    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("score", help="PSNR/SSIM of candidate videos against reference videos")
     p.add_argument("--reference", required=True, type=Path, help="folder of reference videos (.npz or .mp4)")

@@ -45,6 +45,7 @@ def prompt_files(tmp_path):
     (["generate", "--variant", "onnx@transformer_2", "--model", "wan2.2-ti2v-tiny"], ["unknown module 'transformer_2'"]),
     (["generate", "--height", "33"], ["height 33", "multiple of 16"]),
     (["generate", "--frames", "abc"], ["--frames", "'abc'"]),
+    (["generate", "--fps", "0"], ["--fps", "0"]),
     (["export", "--opset", "13"], ["opset", "13"]),
     (["export", "--module", "unet"], ["unknown module 'unet'"]),
     (["generate", "--variant", "onnx"], ["manifest.json", "quant-audit export"]),
