@@ -186,6 +186,44 @@ def cmd_quantize(args) -> int:
     return EXIT_OK
 
 
+def cmd_run(args) -> int:
+    from quant.audit import run_audit
+    from quant.config import load_config
+    from reports.console import verdict_lines
+
+    config = load_config(args.config).override(model=args.model, tag=args.tag)
+    result = run_audit(config, args.out, baseline=args.baseline, fresh=args.fresh, argv=["quant-audit", *(args.argv or [])])
+    print(verdict_lines(result.results))
+    print(f"report: {result.run_dir / 'report.html'}")
+    print(f"verdict: {result.verdict.upper()}")
+    if result.failed:
+        names = ", ".join(f"{g.variant}: {g.metric} {g.op} {g.threshold:g}" if g.threshold is not None
+                          else f"{g.variant}: {g.metric}" for g in result.failed[:8])
+        more = f" (+{len(result.failed) - 8} more)" if len(result.failed) > 8 else ""
+        raise CheckFailed(f"{len(result.failed)} gate(s) failed: {names}{more}")
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from reports.html import render_report
+
+    print(f"wrote {render_report(args.run)}")
+    return EXIT_OK
+
+
+def cmd_history(args) -> int:
+    from reports import history
+    from reports.console import history_tables
+    from reports.dashboard import render_dashboard
+
+    path = args.out / history.DB_NAME
+    if not path.is_file():
+        raise UserError(f"{path}: no history yet; `quant-audit run --out {args.out}` writes it")
+    print(history_tables(history.runs(path), history.trend(path), args.metric))
+    print(f"dashboard: {render_dashboard(args.out)}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="quant-audit", description="Audit what quantization does to a text-to-video pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -220,6 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
     p.add_argument("--no-fp16-guard", action="store_true", help="convert every node to FP16, even where it overflows")
 
+    from quant.gates import METRIC_DIRECTIONS
+
+    p = sub.add_parser("run", help="the whole audit: export, calibrate, quantize, generate, score, gates, report, history")
+    p.add_argument("--config", type=Path, help="TOML config (default ./audit.toml, else the repository's audit.toml)")
+    p.add_argument("--model", help="override the config's model: built-in name or checkpoint folder")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="where runs, work files and history go (default runs/)")
+    p.add_argument("--tag", help="release tag recorded with the run (e.g. v1.2-rc1)")
+    p.add_argument("--baseline", help="'latest' or a run id: fail when a metric drops beyond [regression] tolerances")
+    p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished work")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="(re)render the HTML report of a run")
+    p.add_argument("run", type=Path, help="run folder (holds results.json)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("history", help="list past runs and trends from the history store")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="folder holding history.sqlite (default runs/)")
+    p.add_argument("--metric", default="psnr_mean", choices=list(METRIC_DIRECTIONS), help="metric of the trend table")
+    p.set_defaults(func=cmd_history)
+
     p = sub.add_parser("score", help="PSNR/SSIM of candidate videos against reference videos")
     p.add_argument("--reference", required=True, type=Path, help="folder of reference videos (.npz or .mp4)")
     p.add_argument("--candidate", required=True, type=Path, help="folder of videos scored against the same names")
@@ -251,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         _quiet_libraries()
         return args.func(args)
     except UserError as exc:

@@ -180,6 +180,13 @@ def assemble(model: LoadedModel, variant: Variant, root: Path, settings: Generat
     return pipe
 
 
+def nonfinite_counts(pipe) -> dict[str, int]:
+    """module -> calls so far whose output held NaN/Inf, for the ONNX stand-ins in ``pipe``."""
+    parts = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer,
+             "transformer_2": pipe.transformer_2, "vae_decoder": pipe.vae}
+    return {m: part.nonfinite_calls for m, part in parts.items() if hasattr(part, "nonfinite_calls")}
+
+
 @torch.no_grad()
 def generate_video(pipe, prompt: str, seed: int, settings: GenerationSettings, callback=None,
                    trajectory: bool = False) -> GeneratedVideo:

@@ -75,3 +75,35 @@ def quantization_table(report: dict) -> str:
         ])
     head = f"quantization '{report['recipe']}' of {report['model']['name']} (compute ops = MatMul/Conv/Gemm)"
     return head + "\n" + _table(["module", "int8", "fp16", "fp32", "kept_fp32", "MB (q/fp32)", "ms (q/fp32)", "SQNR_min_dB"], rows)
+
+
+def verdict_lines(results: dict) -> str:
+    """The variants of a run with their headline metrics and gate results."""
+    rows = []
+    for v in results["variants"]:
+        m = v["metrics"]
+        failed = [g for g in v["gates"] if not g["passed"]]
+        rows.append([v["name"], _num(m.get("psnr_mean"), ".2f"), _num(m.get("psnr_min"), ".2f"),
+                     _num(m.get("ssim_mean"), ".4f"), _num(m.get("ssim_min"), ".4f"),
+                     "pass" if v["passed"] else f"FAIL ({', '.join(g['metric'] for g in failed)})"])
+    head = f"run {results['run_id']}: {results['model']['name']} ({results['model']['fingerprint'][:12]})"
+    return head + "\n" + _table(["variant", "psnr_mean", "psnr_min", "ssim_mean", "ssim_min", "gates"], rows)
+
+
+def history_tables(runs, rows, metric: str) -> str:
+    """The run list, then ``metric`` per variant (rows) across runs (columns, oldest first)."""
+    import json
+
+    text = lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)  # noqa: E731 - SQL NULL
+    listing = _table(["run", "time", "tag", "model", "fingerprint", "verdict", "variants", "failed", "baseline"],
+                     [[r.run_id, r.time, text(r.tag), r.model, r.fingerprint.split(":")[-1][:12], r.verdict,
+                       str(r.variants), str(r.failed), text(r.baseline)] for r in runs.itertuples()])
+    order = list(dict.fromkeys(rows["run_id"]))
+    labels = [next((t for t in rows.loc[rows["run_id"] == r, "tag"] if t), r[-11:]) for r in order]
+    values: dict[str, dict[str, str]] = {}
+    for r in rows.itertuples():
+        value = json.loads(r.metrics).get(metric)
+        mark = "" if r.verdict == "pass" else ("!R" if r.regression_failed else "!")
+        values.setdefault(r.variant, {})[r.run_id] = _num(value, ".3f") + mark
+    trend = _table(["variant", *labels], [[v, *(cells.get(r, "") for r in order)] for v, cells in values.items()])
+    return (f"{len(runs)} run(s)\n{listing}\n\n{metric} across runs (! failed a gate, !R regression)\n{trend}")

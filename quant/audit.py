@@ -1,0 +1,407 @@
+"""`quant-audit run`: export -> calibrate -> quantize -> generate -> score -> gates -> report -> history.
+
+Work is shared between the runs of one model in ``<out>``: models, calibration, videos and
+score tables live in ``<out>/work/<fingerprint>/``, and ``quant.ledger`` keys every stage by
+what produced it, so a rerun (after a kill, or a new run of an unchanged model) reuses every
+finished stage and redoes only what changed. A run folder ``<out>/<run_id>/`` holds what
+DESIGN.md lists: ``config.toml``, ``results.json``, ``scores/``, ``junit.xml``, ``report.html``,
+and ``onnx/``, ``videos/`` as hard links to the files the numbers came from (a later run
+replaces work files by rename, so the links keep this run's bytes). A killed run is resumed
+by the next run with the same configuration (same run id). One audit of a model at a time
+holds ``<work>/.lock``; a second waits.
+
+Example::
+
+    result = run_audit(load_config(None), Path("runs"), tag="rc1", baseline="latest")
+    result.verdict, result.run_dir / "report.html"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from filelock import FileLock, Timeout
+
+from quant.calibration import CalibrationSpec, calibrate, load_calibration_prompts
+from quant.config import AuditConfig
+from quant.environment import versions
+from quant.errors import UserError
+from quant.export import ExportOptions
+from quant.export_stage import export_pipeline
+from quant.gates import GateResult, check_gates, check_regression
+from quant.generate import VideoRecord, generate_variant, video_dir
+from quant.io_utils import atomic_write_json, atomic_write_text
+from quant.ledger import Ledger, stage_key
+from quant.models import LoadedModel, load_model
+from quant.modules import present_modules
+from quant.pipeline import shape_key
+from quant.progress import progress
+from quant.prompts import prompt_id, read_prompts
+from quant.quantize import QuantizeOptions
+from quant.quantize_stage import quantize_pipeline, report_path
+from quant.score_stage import score_folders, table_paths, write_tables
+from quant.variants import Variant, onnx_path
+
+SCHEMA_VERSION = 1
+RUN_FILE = "run.json"
+
+
+@dataclass
+class StageTime:
+    name: str
+    seconds: float
+    reused: bool
+
+
+@dataclass
+class AuditResult:
+    run_id: str
+    run_dir: Path
+    verdict: str
+    results: dict
+    failed: list[GateResult] = field(default_factory=list)
+
+
+# --- run folders -------------------------------------------------------------------------------
+
+def _new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(2).hex()
+
+
+def _resumable_run(out: Path, config_key: str) -> str | None:
+    """The newest run in ``out`` that did not finish and used the same configuration."""
+    candidates = []
+    for path in out.glob(f"*/{RUN_FILE}"):
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if info.get("status") == "running" and info.get("config_key") == config_key:
+            candidates.append((info.get("started", ""), info["run_id"]))
+    return max(candidates)[1] if candidates else None
+
+
+def work_dir(out: Path, fingerprint: str) -> Path:
+    """Where the runs of one model in ``out`` share their models, calibration, videos and scores."""
+    return Path(out) / "work" / fingerprint.split(":")[-1][:16]
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file under ``src`` into ``dst`` (a copy where links are not possible)."""
+    for path in src.rglob("*"):
+        if path.is_dir() or path.name.startswith("."):
+            continue
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target.unlink()
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
+# --- the audit ---------------------------------------------------------------------------------
+
+class Audit:
+    """One run: the stages in order, each a small method; ``run_audit`` drives it."""
+
+    def __init__(self, config: AuditConfig, model: LoadedModel, out: Path, run_id: str, show_progress: bool,
+                 fresh: bool = False):
+        self.config, self.model, self.out, self.run_id = config, model, out, run_id
+        self.run_dir = out / run_id
+        self.work = work_dir(out, model.fingerprint)
+        self.ledger = Ledger(self.work)
+        self.show, self.fresh = show_progress, fresh
+        self.settings = config.settings
+        self.modules = present_modules(model.pipe)
+        self.prompts = read_prompts(config.eval_prompts)
+        self.calibration_prompts = load_calibration_prompts(config.calibration_prompts, config.eval_prompts)
+        self.variants = [Variant(n, config.variant_modules(n, self.modules)) for n in config.variant_names(self.modules)]
+        self.keys: dict[str, str] = {}
+        self.times: list[StageTime] = []
+        self.records: dict[str, list[VideoRecord]] = {}
+        self.base = {"model": model.fingerprint, "shape": shape_key(self.settings), "versions": versions()}
+
+    # each stage: reuse when the ledger has its key, else do it and record it
+    def _stage(self, name: str, key: str, work, outputs: list[Path] = ()) -> None:
+        self.keys[name] = key
+        if not self.fresh and self.ledger.done(name, key) and all(Path(p).exists() for p in outputs):
+            self.times.append(StageTime(name, 0.0, True))
+            return
+        start = time.perf_counter()
+        work()
+        seconds = time.perf_counter() - start
+        self.ledger.record(name, key, seconds)
+        self.times.append(StageTime(name, seconds, False))
+
+    def export(self) -> None:
+        options = ExportOptions(simplify=self.config.simplify)
+        for module in progress(self.modules, "1/5 export", "module", self.show):
+            key = stage_key({**self.base, "stage": "export", "module": module, "simplify": options.simplify,
+                             "opset": options.opset, "capture": self.prompts[:2]})
+            self._stage(f"export:{module}", key, lambda m=module: export_pipeline(
+                self.model, self.settings, self.work, self.prompts, options=options, modules=[m], show_progress=False),
+                [onnx_path(self.work, "onnx", module)])
+
+    def calibrate(self) -> None:
+        spec = CalibrationSpec(tuple(self.calibration_prompts), self.config.calibration_seeds,
+                               self.config.calibration_samples)
+        if self.fresh:
+            shutil.rmtree(self.work / "calibration", ignore_errors=True)
+        start = time.perf_counter()
+        cal = calibrate(self.model, spec, self.settings, self.work, show_progress=self.show)
+        self.keys["calibrate"] = stage_key({**self.base, "calibration": cal.manifest["key"]})
+        self.times.append(StageTime("calibrate", time.perf_counter() - start, cal.reused))
+
+    def _model_key(self, recipe: str, module: str) -> str:
+        if recipe == "torch":
+            return self.model.fingerprint
+        if recipe == "onnx":
+            return self.keys[f"export:{module}"]
+        return self.keys[f"quantize:{recipe}:{module}"]
+
+    def quantize(self) -> None:
+        used = {r for v in self.variants for r in v.modules.values()} - {"torch", "onnx"}
+        jobs = [(r, m) for r in self.config.recipes if r in used for m in self.modules]
+        for recipe, module in progress(jobs, "2/5 quantize", "model", self.show):
+            method = self.config.int8_method if recipe in ("int8", "inc-int8") else None
+            key = stage_key({**self.base, "stage": "quantize", "recipe": recipe, "module": module, "method": method,
+                             "export": self.keys[f"export:{module}"], "calibration": self.keys["calibrate"]})
+            options = QuantizeOptions(method=method or "minmax")
+            self._stage(f"quantize:{recipe}:{module}", key, lambda r=recipe, m=module: quantize_pipeline(
+                self.model, self.settings, self.work, r, options, modules=[m], show_progress=False),
+                [onnx_path(self.work, recipe, module)])
+
+    def generate(self) -> None:
+        reference = Variant("torch", {m: "torch" for m in self.modules})
+        with progress([reference] + self.variants, "3/5 generate", "variant", self.show) as bar:
+            for variant in bar:
+                bar.set_postfix_str(variant.name)
+                key = stage_key({**self.base, "stage": "generate", "settings": self.settings.to_dict(),
+                                 "prompts": self.prompts, "seeds": list(self.config.seeds),
+                                 "latents": self.config.save_latents, "fps": self.config.fps,
+                                 "modules": {m: [r, self._model_key(r, m)] for m, r in variant.modules.items()}})
+                folder = video_dir(self.work, variant.name)
+                self._stage(f"generate:{variant.name}", key, lambda v=variant, k=key: generate_variant(
+                    self.model, v, self.prompts, list(self.config.seeds), self.settings, self.work,
+                    fps=self.config.fps, show_progress=False, save_latents=self.config.save_latents,
+                    key=None if self.fresh else k), [folder / "manifest.json"])
+                manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+                self.records[variant.name] = [VideoRecord(**v) for v in manifest["videos"]]
+
+    def _score_path(self, variant: str) -> Path:
+        return self.work / "scores" / variant / "frames.csv"
+
+    def score(self) -> dict[str, pd.DataFrame]:
+        parts: dict[str, list[pd.DataFrame]] = {"frames": [], "videos": [], "summary": [], "latents": []}
+        reference = video_dir(self.work, "torch")
+        for variant in progress(self.variants, "4/5 score", "variant", self.show):
+            key = stage_key({"stage": "score", "reference": self.keys["generate:torch"],
+                             "candidate": self.keys[f"generate:{variant.name}"], "metrics": _metrics_version()})
+            out = self._score_path(variant.name)
+            self._stage(f"score:{variant.name}", key, lambda v=variant, o=out: write_tables(
+                score_folders(reference, video_dir(self.work, v.name), variant=v.name, show_progress=False), o), [out])
+            for kind, path in table_paths(out).items():
+                if kind != "metrics" and path.is_file():
+                    parts[kind].append(pd.read_csv(path))
+        return {k: pd.concat(v, ignore_index=True) for k, v in parts.items() if v}
+
+    def nonfinite(self, variant: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for record in self.records[variant]:
+            for module, calls in record.nonfinite_modules.items():
+                counts[module] = counts.get(module, 0) + calls
+        frames = sum(r.nonfinite for r in self.records[variant])
+        if frames and not counts:
+            counts["decoded frames"] = frames  # a PyTorch module overflowed: no stand-in counted it
+        return counts
+
+    def link_files(self) -> None:
+        """Hard-link the models and videos this run used into its folder (DESIGN.md: onnx/, videos/)."""
+        recipes = {r for v in self.variants for r in v.modules.values()} - {"torch"}
+        for recipe in sorted(recipes):
+            src = onnx_path(self.work, recipe, self.modules[0]).parent
+            _link_tree(src, self.run_dir / "onnx" / src.name)
+        for variant in ["torch"] + [v.name for v in self.variants]:
+            _link_tree(video_dir(self.work, variant), video_dir(self.run_dir, variant))
+        for name in ["parity.json"] + [f"quantization/{r}.json" for r in sorted(recipes - {"onnx"})]:
+            if (self.work / name).is_file():
+                _link_tree_file(self.work / name, self.run_dir / name)
+
+
+def _link_tree_file(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _metrics_version() -> dict:
+    from metrics.scores import metric_parameters
+
+    return metric_parameters()
+
+
+# --- gates and results -------------------------------------------------------------------------
+
+def _parity_gates(parity: dict) -> list[GateResult]:
+    out = []
+    for module, entry in parity.get("modules", {}).items():
+        value = entry.get("rel_l2")
+        out.append(GateResult("export", f"parity_rel_l2[{module}]", "<=", parity.get("threshold"), value,
+                              bool(entry.get("passed")), "parity",
+                              "" if entry.get("passed") else f"ONNX export of {module} differs from PyTorch "
+                                                              f"(rel-L2 {value if value is not None else 'NaN/Inf'})"))
+    return out
+
+
+def evaluate(audit: Audit, summary: pd.DataFrame, baseline: tuple[str, dict] | None) -> tuple[list[dict], list[GateResult]]:
+    """Per-variant entries for ``results.json`` and every gate checked (parity, finite, thresholds, regression)."""
+    rows = {r["variant"]: r for r in summary.to_dict("records")}
+    entries, checked = [], []
+    for variant in audit.variants:
+        row = rows.get(variant.name, {})
+        nonfinite = audit.nonfinite(variant.name)
+        gates = check_gates(variant.name, row, audit.config.gates_for(variant.name), nonfinite)
+        if baseline is not None and variant.name in baseline[1] and audit.config.regression:
+            gates += check_regression(variant.name, row, baseline[1][variant.name], audit.config.regression, baseline[0])
+        checked += gates
+        kind = "mix" if variant.name in audit.config.mixes else "attribution" if "@" in variant.name else "full"
+        entries.append({"name": variant.name, "kind": kind, "modules": variant.modules,
+                        "videos": len(audit.records[variant.name]), "nonfinite": nonfinite,
+                        "metrics": {k: _clean(v) for k, v in row.items() if k != "variant"},
+                        "passed": all(g.passed for g in gates), "gates": [g.to_dict() for g in gates]})
+    return entries, checked
+
+
+def _clean(value):
+    if isinstance(value, float) and value != value:
+        return None
+    if hasattr(value, "item"):
+        return _clean(value.item())
+    return value if not isinstance(value, float) or abs(value) != float("inf") else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_scores(run_dir: Path, tables: dict[str, pd.DataFrame]) -> None:
+    from quant.io_utils import atomic_path
+
+    for kind, name in (("frames", "frames.csv"), ("videos", "videos.csv"), ("summary", "summary.csv"),
+                       ("latents", "latents.csv")):
+        if kind in tables:
+            with atomic_path(run_dir / "scores" / name) as tmp:
+                tables[kind].to_csv(tmp, index=False, float_format="%.10g")
+    atomic_write_json(run_dir / "scores" / "metrics.json", _metrics_version())
+
+
+def build_results(audit: Audit, entries: list[dict], checked: list[GateResult], parity: dict,
+                  baseline: tuple[str, dict] | None, started: str, argv: list[str]) -> dict:
+    verdict = "pass" if all(g.passed for g in checked) else "fail"
+    return {
+        "schema_version": SCHEMA_VERSION, "run_id": audit.run_id, "tag": audit.config.tag,
+        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "verdict": verdict,
+        "model": audit.model.identity(), "modules": audit.modules,
+        "settings": audit.settings.to_dict(),
+        "prompts": [{"id": prompt_id(i), "text": p} for i, p in enumerate(audit.prompts)],
+        "seeds": list(audit.config.seeds),
+        "config": audit.config.to_dict(),
+        "command": argv,
+        "reproduce": f"quant-audit run --config {audit.run_dir / 'config.toml'} --out {audit.out}",
+        "versions": versions(),
+        "parity": {m: {k: e.get(k) for k in ("passed", "max_abs", "rel_l2", "samples", "threshold")}
+                   for m, e in parity.get("modules", {}).items()},
+        "baseline": None if baseline is None else {"run_id": baseline[0]},
+        "stages": [{"name": t.name, "seconds": round(t.seconds, 3), "reused": t.reused} for t in audit.times],
+        "failed_gates": [g.to_dict() for g in checked if not g.passed],
+        "parity_gates": [g.to_dict() for g in checked if g.kind == "parity"],
+        "variants": entries,
+    }
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+def _acquire(lock: FileLock, where: Path) -> None:
+    try:
+        lock.acquire(timeout=0.5)
+    except Timeout:
+        print(f"waiting for another audit of this model (lock {where})", file=sys.stderr)
+        lock.acquire()
+
+
+def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh: bool = False,
+              show_progress: bool = True, argv: list[str] | None = None) -> AuditResult:
+    """Run the whole audit (see the module doc); returns the verdict and ``results.json``'s content.
+
+    Raises:
+        UserError: bad configuration, prompts, model or baseline (before any heavy work).
+    """
+    from reports import history
+    from reports.html import render_report
+    from reports.dashboard import render_dashboard
+    from reports.junit import write_junit
+
+    out = Path(out)
+    model = load_model(config.model)
+    config.settings.check_for(model.pipe)
+    config_key = stage_key({"config": config.to_dict(), "model": model.fingerprint})
+    base = history.resolve_baseline(out / history.DB_NAME, baseline, model.fingerprint) if baseline else None
+    work = work_dir(out, model.fingerprint)
+    work.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(work / ".lock")
+    _acquire(lock, work / ".lock")
+    try:
+        run_id = None if fresh else _resumable_run(out, config_key)
+        resumed = run_id is not None
+        run_id = run_id or _new_run_id()
+        audit = Audit(config, model, out, run_id, show_progress, fresh)
+        started = _read_json(audit.run_dir / RUN_FILE).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        print(("resuming" if resumed else "starting") + f" run {run_id} in {audit.run_dir}", file=sys.stderr)
+        atomic_write_text(audit.run_dir / "config.toml", config.to_toml())
+        atomic_write_json(audit.run_dir / RUN_FILE, {"schema_version": SCHEMA_VERSION, "run_id": run_id,
+                                                     "status": "running", "config_key": config_key,
+                                                     "started": started, "pid": os.getpid()})
+        audit.export()
+        audit.calibrate()
+        audit.quantize()
+        audit.generate()
+        tables = audit.score()
+        parity = _read_json(audit.work / "parity.json")
+        baseline_rows = None if base is None else (base, history.run_metrics(out / history.DB_NAME, base))
+        entries, checked = evaluate(audit, tables["summary"], baseline_rows)
+        checked = _parity_gates(parity) + checked
+        results = build_results(audit, entries, checked, parity, baseline_rows, started, argv or sys.argv)
+        audit.link_files()
+        _write_scores(audit.run_dir, tables)
+        atomic_write_json(audit.run_dir / "results.json", results)
+        write_junit(audit.run_dir / "junit.xml", results)
+        start = time.perf_counter()
+        render_report(audit.run_dir)
+        history.record_run(out / history.DB_NAME, results)
+        render_dashboard(out)
+        results["stages"].append({"name": "report", "seconds": round(time.perf_counter() - start, 3), "reused": False})
+        atomic_write_json(audit.run_dir / "results.json", results)
+        atomic_write_json(audit.run_dir / RUN_FILE, {"schema_version": SCHEMA_VERSION, "run_id": run_id,
+                                                     "status": "complete", "config_key": config_key,
+                                                     "started": started, "finished": results["finished"],
+                                                     "verdict": results["verdict"]})
+    finally:
+        lock.release()
+    return AuditResult(run_id, audit.run_dir, results["verdict"], results, [g for g in checked if not g.passed])

@@ -1,0 +1,337 @@
+"""The audit configuration: one TOML file (default ``audit.toml``) that `quant-audit run` reads.
+
+The file names the model, generation settings, prompt files, seeds, calibration, recipes,
+variants, named mixes, gates and regression tolerances. Every key is checked once, here: an
+unknown key or a bad value is a ``UserError`` naming the file and the dotted key
+(``audit.toml: gates.fp16.psnr_avg: unknown metric ...``). Relative paths are relative to the
+config file. ``to_toml`` writes the resolved configuration a run used (``config.toml``).
+
+Example::
+
+    config = load_config(Path("audit.toml")).override(model="wan2.2-ti2v-tiny", tag="rc1")
+    config.variant_names(["text_encoder", "transformer", "vae_decoder"])
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import tomli_w
+
+from quant.errors import UserError
+from quant.gates import Gate, METRIC_DIRECTIONS, parse_gate
+from quant.modules import MODULE_IO
+from quant.prompts import DEFAULT_EVAL_PROMPTS, PROMPTS_DIR
+from quant.quantize import METHODS as INT8_METHODS
+from quant.settings import GenerationSettings
+from quant.variants import RECIPES
+
+SCHEMA_VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "audit.toml"
+QUANT_RECIPES = ("fp16", "int8", "int8-dynamic", "inc-int8")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Everything one audit needs; see ``audit.toml`` at the repository root for each key's meaning.
+
+    Attributes:
+        gates: variant name (or ``default``) -> gates. ``default`` applies to every variant in
+            ``variants`` that has no table of its own for that metric; attribution variants are
+            gated only by their own tables (and, like every variant, by finiteness).
+        regression: metric -> the largest drop against the baseline run that still passes.
+    """
+
+    model: str = "wan2.2-t2v-tiny"
+    tag: str = ""
+    settings: GenerationSettings = GenerationSettings()
+    eval_prompts: Path = DEFAULT_EVAL_PROMPTS
+    seeds: tuple[int, ...] = (0, 1)
+    calibration_prompts: Path = PROMPTS_DIR / "calibration.txt"
+    calibration_seeds: tuple[int, ...] = (0,)
+    calibration_samples: int = 16
+    simplify: bool = False
+    recipes: tuple[str, ...] = QUANT_RECIPES
+    int8_method: str = "minmax"
+    variants: tuple[str, ...] = ("onnx", "fp16", "int8", "int8-dynamic", "inc-int8", "mixed")
+    attribution: bool = True
+    save_latents: bool = True
+    fps: int = 8
+    mixes: dict[str, dict[str, str]] = field(default_factory=lambda: {
+        "mixed": {"text_encoder": "fp16", "transformer": "fp16", "transformer_2": "inc-int8", "vae_decoder": "fp16"}})
+    gates: dict[str, tuple[Gate, ...]] = field(default_factory=dict)
+    regression: dict[str, float] = field(default_factory=dict)
+    source: str = "built-in defaults"
+
+    def override(self, **values) -> "AuditConfig":
+        """A copy with the given fields replaced (``None`` values are ignored): command-line flags."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def variant_names(self, modules: list[str]) -> list[str]:
+        """The variants this audit generates: the listed ones, then ``<recipe>@<module>`` attribution."""
+        names = list(self.variants)
+        if self.attribution:
+            names += [f"{r}@{m}" for r in self.recipes for m in modules if f"{r}@{m}" not in names]
+        return names
+
+    def variant_modules(self, name: str, modules: list[str]) -> dict[str, str]:
+        """module -> recipe for variant ``name`` on a pipeline with ``modules``."""
+        if name in self.mixes:
+            mix = self.mixes[name]
+            missing = [m for m in modules if m not in mix]
+            if missing:
+                raise UserError(f"{self.source}: mixes.{name}: no recipe for module(s) {', '.join(missing)} of this model")
+            return {m: mix[m] for m in modules}
+        from quant.variants import parse_variant
+
+        return parse_variant(name, modules).modules
+
+    def gates_for(self, variant: str) -> tuple[Gate, ...]:
+        own = {g.metric: g for g in self.gates.get(variant, ())}
+        if variant in self.variants:
+            default = {g.metric: g for g in self.gates.get("default", ())}
+            own = {**default, **own}
+        return tuple(own.values())
+
+    def to_dict(self) -> dict:
+        """The TOML layout of this configuration, with absolute paths."""
+        s = self.settings.to_dict()
+        return {
+            "schema_version": SCHEMA_VERSION, "model": self.model, "tag": self.tag,
+            "generation": s,
+            "prompts": {"eval": str(self.eval_prompts), "seeds": list(self.seeds)},
+            "calibration": {"prompts": str(self.calibration_prompts), "seeds": list(self.calibration_seeds),
+                            "samples_per_module": self.calibration_samples},
+            "export": {"simplify": self.simplify},
+            "quantize": {"recipes": list(self.recipes), "int8_method": self.int8_method},
+            "variants": {"run": list(self.variants), "attribution": self.attribution,
+                         "save_latents": self.save_latents, "fps": self.fps},
+            "mixes": {k: dict(v) for k, v in self.mixes.items()},
+            "gates": {v: {g.metric: g.text for g in gates} for v, gates in self.gates.items()},
+            "regression": dict(self.regression),
+        }
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+class _Reader:
+    """Pops keys from one TOML table, with errors that name the file and the dotted key."""
+
+    def __init__(self, source: str, table: dict, prefix: str = ""):
+        self.source, self.table, self.prefix = source, dict(table), prefix
+
+    def error(self, key: str, message: str) -> UserError:
+        return UserError(f"{self.source}: {self.prefix}{key}: {message}")
+
+    def sub(self, key: str) -> "_Reader":
+        value = self.table.pop(key, {})
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {value!r}")
+        return _Reader(self.source, value, f"{self.prefix}{key}.")
+
+    def take(self, key: str, kind, default):
+        if key not in self.table:
+            return default
+        value = self.table.pop(key)
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise self.error(key, f"expected {getattr(kind, '__name__', kind)}, got {value!r}")
+        return value
+
+    def take_list(self, key: str, kind, default: tuple) -> tuple:
+        value = self.take(key, list, None)
+        if value is None:
+            return default
+        for item in value:
+            if not isinstance(item, kind) or (isinstance(item, bool) and kind is not bool):
+                raise self.error(key, f"expected a list of {kind.__name__}, got {value!r}")
+        return tuple(value)
+
+    def path(self, key: str, default: Path, base: Path) -> Path:
+        value = self.take(key, str, None)
+        return default if value is None else (base / value).resolve()
+
+    def done(self) -> None:
+        if self.table:
+            key = sorted(self.table)[0]
+            raise self.error(key, "unknown key")
+
+
+def _check_seeds(reader: _Reader, key: str, seeds: tuple) -> tuple[int, ...]:
+    if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 or s > 2**63 - 1 for s in seeds):
+        raise reader.error(key, f"expected distinct integers in [0, 2**63-1], got {list(seeds)!r}")
+    return seeds
+
+
+def _parse_generation(reader: _Reader, base: GenerationSettings) -> GenerationSettings:
+    values = {}
+    for f in fields(GenerationSettings):
+        kind = float if f.type in ("float", float) else str if f.type in ("str", str) else int
+        if f.name in reader.table:
+            values[f.name] = reader.take(f.name, kind, None)
+    reader.done()
+    try:
+        return replace(base, **values)
+    except UserError as exc:
+        raise UserError(f"{reader.source}: generation: {exc}") from None
+
+
+def _parse_recipes(reader: _Reader, key: str, recipes: tuple) -> tuple:
+    for r in recipes:
+        if r not in QUANT_RECIPES:
+            raise reader.error(key, f"unknown quantization recipe '{r}' (recipes: {', '.join(QUANT_RECIPES)})")
+    return recipes
+
+
+def _parse_mixes(reader: _Reader) -> dict[str, dict[str, str]]:
+    mixes = {}
+    for name in list(reader.table):
+        mix = reader.sub(name)
+        if "@" in name or name in RECIPES:
+            raise reader.error(name, "a mix name must not be a recipe or contain '@'")
+        entries = {}
+        for module in list(mix.table):
+            recipe = mix.take(module, str, None)
+            if module not in MODULE_IO:
+                raise mix.error(module, f"unknown module (modules: {', '.join(MODULE_IO)})")
+            if recipe not in RECIPES:
+                raise mix.error(module, f"unknown recipe '{recipe}' (recipes: {', '.join(RECIPES)})")
+            entries[module] = recipe
+        mixes[name] = entries
+    return mixes
+
+
+def _parse_gates(reader: _Reader) -> dict[str, tuple[Gate, ...]]:
+    gates = {}
+    for variant in list(reader.table):
+        table = reader.sub(variant)
+        parsed = []
+        for metric in list(table.table):
+            value = table.table.pop(metric)
+            try:
+                parsed.append(parse_gate(metric, value))
+            except UserError as exc:
+                raise table.error(metric, str(exc)) from None
+        gates[variant] = tuple(parsed)
+    return gates
+
+
+def _parse_regression(reader: _Reader) -> dict[str, float]:
+    out = {}
+    for metric in list(reader.table):
+        value = reader.take(metric, float, None)
+        if metric not in METRIC_DIRECTIONS:
+            raise reader.error(metric, f"unknown metric (metrics: {', '.join(METRIC_DIRECTIONS)})")
+        if not math.isfinite(value) or value < 0:
+            raise reader.error(metric, f"tolerance must be a finite number >= 0, got {value!r}")
+        out[metric] = value
+    return out
+
+
+def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
+    """Build an ``AuditConfig`` from parsed TOML ``data``; defaults fill what is absent."""
+    d = AuditConfig()
+    top = _Reader(source, data)
+    version = top.take("schema_version", int, SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise top.error("schema_version", f"this quant-audit reads version {SCHEMA_VERSION}, got {version}")
+    model = top.take("model", str, d.model)
+    if not model:
+        raise top.error("model", "must name a built-in model or a checkpoint folder")
+    tag = top.take("tag", str, d.tag)
+    settings = _parse_generation(top.sub("generation"), d.settings)
+    prompts = top.sub("prompts")
+    eval_prompts = prompts.path("eval", d.eval_prompts, base_dir)
+    seeds = _check_seeds(prompts, "seeds", prompts.take_list("seeds", int, d.seeds))
+    prompts.done()
+    cal = top.sub("calibration")
+    cal_prompts = cal.path("prompts", d.calibration_prompts, base_dir)
+    cal_seeds = _check_seeds(cal, "seeds", cal.take_list("seeds", int, d.calibration_seeds))
+    samples = cal.take("samples_per_module", int, d.calibration_samples)
+    if samples < 2:
+        raise cal.error("samples_per_module", f"must be an integer >= 2, got {samples}")
+    cal.done()
+    export = top.sub("export")
+    simplify = export.take("simplify", bool, d.simplify)
+    export.done()
+    quant = top.sub("quantize")
+    recipes = _parse_recipes(quant, "recipes", quant.take_list("recipes", str, d.recipes))
+    method = quant.take("int8_method", str, d.int8_method)
+    if method not in INT8_METHODS:
+        raise quant.error("int8_method", f"unknown method '{method}' (methods: {', '.join(INT8_METHODS)})")
+    if method == "percentile" and "inc-int8" in recipes:
+        raise quant.error("int8_method", "inc-int8 calibrates with minmax or entropy, not percentile")
+    quant.done()
+    var = top.sub("variants")
+    variants = var.take_list("run", str, d.variants)
+    attribution = var.take("attribution", bool, d.attribution)
+    save_latents = var.take("save_latents", bool, d.save_latents)
+    fps = var.take("fps", int, d.fps)
+    if fps < 1:
+        raise var.error("fps", f"must be a positive integer, got {fps}")
+    var.done()
+    mixes = _parse_mixes(top.sub("mixes")) if "mixes" in data else d.mixes
+    top.table.pop("mixes", None)
+    gates = _parse_gates(top.sub("gates"))
+    regression = _parse_regression(top.sub("regression"))
+    top.done()
+    config = AuditConfig(model=model, tag=tag, settings=settings, eval_prompts=eval_prompts, seeds=seeds,
+                         calibration_prompts=cal_prompts, calibration_seeds=cal_seeds, calibration_samples=samples,
+                         simplify=simplify, recipes=recipes, int8_method=method, variants=variants,
+                         attribution=attribution, save_latents=save_latents, fps=fps, mixes=mixes, gates=gates,
+                         regression=regression, source=source)
+    _check_variants(config)
+    return config
+
+
+def _check_variants(config: AuditConfig) -> None:
+    """Every listed variant is a recipe, ``<recipe>@<module>`` or a mix, and its recipes are quantized."""
+    if not config.variants and not config.attribution:
+        raise UserError(f"{config.source}: variants.run: no variant to audit (list one, or set attribution = true)")
+    for name in list(config.variants) + [g for g in config.gates if g != "default"]:
+        if name in config.mixes:
+            used = set(config.mixes[name].values())
+        else:
+            recipe, _, module = name.partition("@")
+            if recipe not in RECIPES:
+                where = "variants.run" if name in config.variants else f"gates.{name}"
+                raise UserError(f"{config.source}: {where}: unknown variant '{name}' (a recipe, <recipe>@<module> "
+                                f"or a mix: {', '.join(config.mixes) or 'none defined'})")
+            if module and module not in MODULE_IO:
+                raise UserError(f"{config.source}: variant '{name}': unknown module '{module}'")
+            used = {recipe}
+        missing = sorted(used - set(config.recipes) - {"torch", "onnx"})
+        if missing and name in config.variants:
+            raise UserError(f"{config.source}: variants.run: '{name}' needs recipe(s) {', '.join(missing)}, "
+                            f"which quantize.recipes does not list")
+
+
+def load_config(path: Path | None) -> AuditConfig:
+    """Read ``path``; without one, ``./audit.toml``, else the repository's ``audit.toml``, else defaults.
+
+    Raises:
+        UserError: the file is missing, is not TOML, or has an unknown key or a bad value.
+    """
+    if path is None:
+        path = next((p for p in (Path("audit.toml"), DEFAULT_CONFIG) if p.is_file()), None)
+        if path is None:
+            return AuditConfig()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config file ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None
+    return parse_config(data, str(path), path.resolve().parent)

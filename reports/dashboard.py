@@ -1,0 +1,44 @@
+"""``<out>/dashboard.html``: every variant's metrics across the runs in the history store.
+
+One section per model (fingerprint): a chart per tracked metric with a line per variant (runs in
+time order, labelled with their release tags; black crosses mark failed gates, red rings
+regressions against the baseline), then the run list. Self-contained like the report.
+
+Example::
+
+    render_dashboard(Path("runs"))     # reads runs/history.sqlite, writes runs/dashboard.html
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from markupsafe import Markup
+
+from quant.io_utils import atomic_write_text
+from reports import history, plots
+from reports.html import environment
+
+CHART_METRICS = ("psnr_mean", "psnr_min", "ssim_mean", "ssim_min")
+
+
+def dashboard_context(out: Path) -> dict:
+    rows = history.trend(Path(out) / history.DB_NAME)
+    all_runs = history.runs(Path(out) / history.DB_NAME)
+    models = []
+    if not rows.empty:
+        for fingerprint, part in rows.groupby("fingerprint", sort=False):
+            main = [v for v in dict.fromkeys(part["variant"]) if not part.loc[part["variant"] == v, "kind"].eq("attribution").all()]
+            models.append({"name": part["model_name"].iloc[-1], "fingerprint": fingerprint,
+                           "charts": [{"metric": m, "svg": Markup(plots.history_chart(part, m, main))}
+                                      for m in CHART_METRICS],
+                           "runs": all_runs[all_runs["fingerprint"] == fingerprint].to_dict("records")})
+    return {"models": models, "title": "quant-audit dashboard", "out": str(out)}
+
+
+def render_dashboard(out: Path) -> Path:
+    """Write ``<out>/dashboard.html`` from ``<out>/history.sqlite``."""
+    page = environment().get_template("dashboard.html.j2").render(**dashboard_context(out))
+    path = Path(out) / "dashboard.html"
+    atomic_write_text(path, page)
+    return path

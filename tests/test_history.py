@@ -1,0 +1,71 @@
+"""The history store: versioned schema, one row per (run, variant), safe with concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+
+import pytest
+
+from quant.errors import UserError
+from reports import history
+
+
+def _results(run_id: str, psnr: float = 40.0, fingerprint: str = "sha256:abc", tag: str = "") -> dict:
+    variant = {"name": "fp16", "kind": "full", "modules": {"transformer": "fp16"},
+               "metrics": {"psnr_mean": psnr, "psnr_min": psnr - 2, "ssim_mean": 0.99}, "passed": True,
+               "gates": [{"metric": "psnr_mean", "kind": "threshold", "passed": True}]}
+    return {"run_id": run_id, "finished": f"2026-11-21T10:{int(run_id[-2:]):02d}:00", "tag": tag, "verdict": "pass",
+            "model": {"name": "tiny", "fingerprint": fingerprint}, "baseline": None,
+            "variants": [variant, {**variant, "name": "int8", "passed": False,
+                                   "gates": [{"metric": "psnr_mean", "kind": "regression", "passed": False}]}]}
+
+
+def _writer(args):
+    path, worker = args
+    for i in range(15):
+        history.record_run(path, _results(f"w{worker}-{i:02d}"))
+
+
+def test_two_processes_writing_at_once_lose_no_row(tmp_path):
+    path = tmp_path / "history.sqlite"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_writer, [(path, 0), (path, 1)])
+    rows = history.trend(path)
+    assert len(rows) == 2 * 15 * 2 and rows["run_id"].nunique() == 30
+
+
+def test_rows_runs_and_baselines(tmp_path):
+    path = tmp_path / "history.sqlite"
+    history.record_run(path, _results("r-01", 40.0, tag="v1"))
+    history.record_run(path, _results("r-02", 39.0, tag="v2"))
+    history.record_run(path, _results("r-03", 30.0, fingerprint="sha256:other"))
+    rows = history.trend(path, "sha256:abc")
+    assert list(rows["run_id"]) == ["r-01", "r-01", "r-02", "r-02"]
+    assert list(rows.loc[rows["variant"] == "int8", "regression_failed"]) == [1, 1]
+    runs = history.runs(path)
+    assert list(runs["run_id"]) == ["r-01", "r-02", "r-03"] and list(runs["failed"]) == [1, 1, 1]
+    assert history.resolve_baseline(path, "latest", "sha256:abc") == "r-02"
+    assert history.resolve_baseline(path, "latest", "sha256:abc", exclude="r-02") == "r-01"
+    assert history.resolve_baseline(path, "latest", "sha256:new") is None
+    assert history.run_metrics(path, "r-01")["fp16"]["psnr_mean"] == 40.0
+    with pytest.raises(UserError, match="audited model sha256:other"):
+        history.resolve_baseline(path, "r-03", "sha256:abc")
+    with pytest.raises(UserError, match="run 'r-99' is not in"):
+        history.resolve_baseline(path, "r-99", "sha256:abc")
+    # rerecording a run replaces its rows instead of duplicating them
+    history.record_run(path, _results("r-02", 41.0, tag="v2"))
+    assert len(history.trend(path)) == 6
+
+
+def test_a_newer_schema_or_a_foreign_file_is_refused(tmp_path):
+    path = tmp_path / "history.sqlite"
+    history.record_run(path, _results("r-01"))
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(UserError, match="schema version 99 is newer"):
+        history.trend(path)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(UserError, match="junk.sqlite: not a quant-audit history store"):
+        history.trend(junk)
