@@ -93,19 +93,22 @@ def work_dir(out: Path, fingerprint: str) -> Path:
     return Path(out) / "work" / fingerprint.split(":")[-1][:16]
 
 
+def _link_file(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` at ``dst`` (a copy where links are not possible), replacing ``dst``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link every file under ``src`` into ``dst`` (a copy where links are not possible)."""
+    """``_link_file`` for every file under ``src`` (temporary dot-files excluded)."""
     for path in src.rglob("*"):
-        if path.is_dir() or path.name.startswith("."):
-            continue
-        target = dst / path.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            target.unlink()
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
+        if path.is_file() and not path.name.startswith("."):
+            _link_file(path, dst / path.relative_to(src))
 
 
 # --- the audit ---------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ class Audit:
 
     def export(self) -> None:
         options = ExportOptions(simplify=self.config.simplify)
-        for module in progress(self.modules, "1/5 export", "module", self.show):
+        for module in progress(self.modules, "export", "module", self.show):
             key = stage_key({**self.base, "stage": "export", "module": module, "simplify": options.simplify,
                              "opset": options.opset, "capture": self.prompts[:2]})
             self._stage(f"export:{module}", key, lambda m=module: export_pipeline(
@@ -171,7 +174,7 @@ class Audit:
     def quantize(self) -> None:
         used = {r for v in self.variants for r in v.modules.values()} - {"torch", "onnx"}
         jobs = [(r, m) for r in self.config.recipes if r in used for m in self.modules]
-        for recipe, module in progress(jobs, "2/5 quantize", "model", self.show):
+        for recipe, module in progress(jobs, "quantize", "model", self.show):
             method = self.config.int8_method if recipe in ("int8", "inc-int8") else None
             key = stage_key({**self.base, "stage": "quantize", "recipe": recipe, "module": module, "method": method,
                              "export": self.keys[f"export:{module}"], "calibration": self.keys["calibrate"]})
@@ -182,7 +185,7 @@ class Audit:
 
     def generate(self) -> None:
         reference = Variant("torch", {m: "torch" for m in self.modules})
-        with progress([reference] + self.variants, "3/5 generate", "variant", self.show) as bar:
+        with progress([reference] + self.variants, "generate", "variant", self.show) as bar:
             for variant in bar:
                 bar.set_postfix_str(variant.name)
                 key = stage_key({**self.base, "stage": "generate", "settings": self.settings.to_dict(),
@@ -203,7 +206,7 @@ class Audit:
     def score(self) -> dict[str, pd.DataFrame]:
         parts: dict[str, list[pd.DataFrame]] = {"frames": [], "videos": [], "summary": [], "latents": []}
         reference = video_dir(self.work, "torch")
-        for variant in progress(self.variants, "4/5 score", "variant", self.show):
+        for variant in progress(self.variants, "score", "variant", self.show):
             key = stage_key({"stage": "score", "reference": self.keys["generate:torch"],
                              "candidate": self.keys[f"generate:{variant.name}"], "metrics": _metrics_version()})
             out = self._score_path(variant.name)
@@ -234,17 +237,7 @@ class Audit:
             _link_tree(video_dir(self.work, variant), video_dir(self.run_dir, variant))
         for name in ["parity.json"] + [f"quantization/{r}.json" for r in sorted(recipes - {"onnx"})]:
             if (self.work / name).is_file():
-                _link_tree_file(self.work / name, self.run_dir / name)
-
-
-def _link_tree_file(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+                _link_file(self.work / name, self.run_dir / name)
 
 
 def _metrics_version() -> dict:
@@ -346,6 +339,52 @@ def _acquire(lock: FileLock, where: Path) -> None:
         lock.acquire()
 
 
+def _open_run(config: AuditConfig, model: LoadedModel, out: Path, config_key: str, fresh: bool,
+              show_progress: bool) -> tuple[Audit, str]:
+    """Resume the unfinished run with this config, or start a new one; returns it and its start time."""
+    run_id = None if fresh else _resumable_run(out, config_key)
+    resumed = run_id is not None
+    audit = Audit(config, model, out, run_id or _new_run_id(), show_progress, fresh)
+    started = _read_json(audit.run_dir / RUN_FILE).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    print(("resuming" if resumed else "starting") + f" run {audit.run_id} in {audit.run_dir}", file=sys.stderr)
+    atomic_write_text(audit.run_dir / "config.toml", config.to_toml())
+    _write_status(audit, config_key, started, "running")
+    return audit, started
+
+
+def _write_status(audit: Audit, config_key: str, started: str, status: str, **extra) -> None:
+    atomic_write_json(audit.run_dir / RUN_FILE, {"schema_version": SCHEMA_VERSION, "run_id": audit.run_id,
+                                                 "status": status, "config_key": config_key, "started": started,
+                                                 **extra})
+
+
+def _publish(audit: Audit, tables: dict[str, pd.DataFrame], baseline: str | None, started: str,
+             argv: list[str]) -> tuple[dict, list[GateResult]]:
+    """Gates, then the run files: results.json, scores/, junit.xml, report.html, history row, dashboard."""
+    from reports import history
+    from reports.dashboard import render_dashboard
+    from reports.html import render_report
+    from reports.junit import write_junit
+
+    parity = _read_json(audit.work / "parity.json")
+    db = audit.out / history.DB_NAME
+    baseline_rows = None if baseline is None else (baseline, history.run_metrics(db, baseline))
+    entries, checked = evaluate(audit, tables["summary"], baseline_rows)
+    checked = _parity_gates(parity) + checked
+    results = build_results(audit, entries, checked, parity, baseline_rows, started, argv)
+    audit.link_files()
+    _write_scores(audit.run_dir, tables)
+    atomic_write_json(audit.run_dir / "results.json", results)
+    write_junit(audit.run_dir / "junit.xml", results)
+    start = time.perf_counter()
+    render_report(audit.run_dir)
+    history.record_run(db, results)
+    render_dashboard(audit.out)
+    results["stages"].append({"name": "report", "seconds": round(time.perf_counter() - start, 3), "reused": False})
+    atomic_write_json(audit.run_dir / "results.json", results)
+    return results, checked
+
+
 def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh: bool = False,
               show_progress: bool = True, argv: list[str] | None = None) -> AuditResult:
     """Run the whole audit (see the module doc); returns the verdict and ``results.json``'s content.
@@ -354,54 +393,27 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
         UserError: bad configuration, prompts, model or baseline (before any heavy work).
     """
     from reports import history
-    from reports.html import render_report
-    from reports.dashboard import render_dashboard
-    from reports.junit import write_junit
 
     out = Path(out)
     model = load_model(config.model)
     config.settings.check_for(model.pipe)
     config_key = stage_key({"config": config.to_dict(), "model": model.fingerprint})
     base = history.resolve_baseline(out / history.DB_NAME, baseline, model.fingerprint) if baseline else None
+    if baseline and base is None:
+        print(f"no earlier run of this model in {out / history.DB_NAME}: no regression check this time", file=sys.stderr)
     work = work_dir(out, model.fingerprint)
     work.mkdir(parents=True, exist_ok=True)
     lock = FileLock(work / ".lock")
     _acquire(lock, work / ".lock")
     try:
-        run_id = None if fresh else _resumable_run(out, config_key)
-        resumed = run_id is not None
-        run_id = run_id or _new_run_id()
-        audit = Audit(config, model, out, run_id, show_progress, fresh)
-        started = _read_json(audit.run_dir / RUN_FILE).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        print(("resuming" if resumed else "starting") + f" run {run_id} in {audit.run_dir}", file=sys.stderr)
-        atomic_write_text(audit.run_dir / "config.toml", config.to_toml())
-        atomic_write_json(audit.run_dir / RUN_FILE, {"schema_version": SCHEMA_VERSION, "run_id": run_id,
-                                                     "status": "running", "config_key": config_key,
-                                                     "started": started, "pid": os.getpid()})
+        audit, started = _open_run(config, model, out, config_key, fresh, show_progress)
         audit.export()
         audit.calibrate()
         audit.quantize()
         audit.generate()
         tables = audit.score()
-        parity = _read_json(audit.work / "parity.json")
-        baseline_rows = None if base is None else (base, history.run_metrics(out / history.DB_NAME, base))
-        entries, checked = evaluate(audit, tables["summary"], baseline_rows)
-        checked = _parity_gates(parity) + checked
-        results = build_results(audit, entries, checked, parity, baseline_rows, started, argv or sys.argv)
-        audit.link_files()
-        _write_scores(audit.run_dir, tables)
-        atomic_write_json(audit.run_dir / "results.json", results)
-        write_junit(audit.run_dir / "junit.xml", results)
-        start = time.perf_counter()
-        render_report(audit.run_dir)
-        history.record_run(out / history.DB_NAME, results)
-        render_dashboard(out)
-        results["stages"].append({"name": "report", "seconds": round(time.perf_counter() - start, 3), "reused": False})
-        atomic_write_json(audit.run_dir / "results.json", results)
-        atomic_write_json(audit.run_dir / RUN_FILE, {"schema_version": SCHEMA_VERSION, "run_id": run_id,
-                                                     "status": "complete", "config_key": config_key,
-                                                     "started": started, "finished": results["finished"],
-                                                     "verdict": results["verdict"]})
+        results, checked = _publish(audit, tables, base, started, argv or sys.argv)
+        _write_status(audit, config_key, started, "complete", finished=results["finished"], verdict=results["verdict"])
     finally:
         lock.release()
-    return AuditResult(run_id, audit.run_dir, results["verdict"], results, [g for g in checked if not g.passed])
+    return AuditResult(audit.run_id, audit.run_dir, results["verdict"], results, [g for g in checked if not g.passed])

@@ -345,3 +345,12 @@ def test_dashboard_and_history_command(audited, folder, capsys):
         assert audited.run_dir.name in page.evaluate("document.body.innerText")
     finally:
         page.close()
+
+
+def test_report_command_rerenders_a_run_and_names_a_non_run(audited, tmp_path, capsys):
+    report = audited.run_dir / "report.html"
+    report.unlink()
+    assert main(["report", str(audited.run_dir)]) == 0
+    assert report.is_file() and "quant-audit report" in report.read_text()
+    assert main(["report", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'results.json'}: not found" in capsys.readouterr().err
