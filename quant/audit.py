@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,7 @@ from quant.prompts import prompt_id, read_prompts
 from quant.quantize import QuantizeOptions
 from quant.quantize_stage import quantize_pipeline, report_path
 from quant.score_stage import score_folders, table_paths, write_tables
-from quant.variants import Variant, onnx_path
+from quant.variants import Variant, base_recipe, onnx_path
 
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
@@ -129,6 +130,8 @@ class Audit:
         self.calibration_prompts = load_calibration_prompts(config.calibration_prompts, config.eval_prompts)
         self.variants = [Variant(n, config.variant_modules(n, self.modules)) for n in config.variant_names(self.modules)]
         self.keys: dict[str, str] = {}
+        self.keep_fp32: dict[str, tuple[str, ...]] = dict(config.keep_fp32)
+        self.extra_gates: dict[str, tuple] = {}  # variant -> gates not in the config (the searched mix)
         self.times: list[StageTime] = []
         self.records: dict[str, list[VideoRecord]] = {}
         self.base = {"model": model.fingerprint, "shape": shape_key(self.settings), "versions": versions()}
@@ -161,6 +164,7 @@ class Audit:
             shutil.rmtree(self.work / "calibration", ignore_errors=True)
         start = time.perf_counter()
         cal = calibrate(self.model, spec, self.settings, self.work, show_progress=self.show)
+        self.calibration_manifest = cal.manifest
         self.keys["calibrate"] = stage_key({**self.base, "calibration": cal.manifest["key"]})
         self.times.append(StageTime("calibrate", time.perf_counter() - start, cal.reused))
 
@@ -171,27 +175,39 @@ class Audit:
             return self.keys[f"export:{module}"]
         return self.keys[f"quantize:{recipe}:{module}"]
 
-    def quantize(self) -> None:
-        used = {r for v in self.variants for r in v.modules.values()} - {"torch", "onnx"}
-        jobs = [(r, m) for r in self.config.recipes if r in used for m in self.modules]
-        for recipe, module in progress(jobs, "quantize", "model", self.show):
-            method = self.config.int8_method if recipe in ("int8", "inc-int8") else None
-            key = stage_key({**self.base, "stage": "quantize", "recipe": recipe, "module": module, "method": method,
+    def quantize(self, variants: list[Variant] | None = None, label: str = "quantize") -> None:
+        """Quantize every (recipe, module) the variants use; ``<recipe>+keep-<tag>`` keeps its nodes FP32."""
+        variants = self.variants if variants is None else variants
+        jobs = list(dict.fromkeys((r, m) for v in variants for m, r in v.modules.items() if r not in ("torch", "onnx")))
+        for recipe, module in progress(jobs, label, "model", self.show):
+            base = base_recipe(recipe)
+            method = self.config.int8_method if base in ("int8", "inc-int8") else None
+            keep = self.keep_fp32.get(recipe, ())
+            key = stage_key({**self.base, "stage": "quantize", "recipe": base, "keep_fp32": list(keep),
+                             "module": module, "method": method,
                              "export": self.keys[f"export:{module}"], "calibration": self.keys["calibrate"]})
-            options = QuantizeOptions(method=method or "minmax")
-            self._stage(f"quantize:{recipe}:{module}", key, lambda r=recipe, m=module: quantize_pipeline(
-                self.model, self.settings, self.work, r, options, modules=[m], show_progress=False),
+            cache = None
+            if keep and base == "int8":  # mixes of one module share one calibration (onnxruntime's range cache)
+                cache = str(self.work / "calibration" / f"ranges.{module}.{method}.{self.keys[f'export:{module}']}.json")
+            options = QuantizeOptions(method=method or "minmax", nodes_to_exclude=keep, calibration_cache=cache)
+            self._stage(f"quantize:{recipe}:{module}", key, lambda r=recipe, m=module, o=options: quantize_pipeline(
+                self.model, self.settings, self.work, r, o, modules=[m], show_progress=False),
                 [onnx_path(self.work, recipe, module)])
 
-    def generate(self) -> None:
+    def _generate_key(self, variant: Variant) -> str:
+        return stage_key({**self.base, "stage": "generate", "settings": self.settings.to_dict(),
+                          "prompts": self.prompts, "seeds": list(self.config.seeds),
+                          "latents": self.config.save_latents, "fps": self.config.fps,
+                          "modules": {m: [r, self._model_key(r, m)] for m, r in variant.modules.items()}})
+
+    def generate(self, variants: list[Variant] | None = None, label: str = "generate") -> None:
+        """The reference (``torch``) and every variant's videos, each a stage keyed by its models."""
         reference = Variant("torch", {m: "torch" for m in self.modules})
-        with progress([reference] + self.variants, "generate", "variant", self.show) as bar:
+        variants = self.variants if variants is None else variants
+        with progress([reference] + variants, label, "variant", self.show) as bar:
             for variant in bar:
                 bar.set_postfix_str(variant.name)
-                key = stage_key({**self.base, "stage": "generate", "settings": self.settings.to_dict(),
-                                 "prompts": self.prompts, "seeds": list(self.config.seeds),
-                                 "latents": self.config.save_latents, "fps": self.config.fps,
-                                 "modules": {m: [r, self._model_key(r, m)] for m, r in variant.modules.items()}})
+                key = self._generate_key(variant)
                 folder = video_dir(self.work, variant.name)
                 self._stage(f"generate:{variant.name}", key, lambda v=variant, k=key: generate_variant(
                     self.model, v, self.prompts, list(self.config.seeds), self.settings, self.work,
@@ -203,10 +219,11 @@ class Audit:
     def _score_path(self, variant: str) -> Path:
         return self.work / "scores" / variant / "frames.csv"
 
-    def score(self) -> dict[str, pd.DataFrame]:
+    def score(self, variants: list[Variant] | None = None, label: str = "score") -> dict[str, pd.DataFrame]:
+        """Score tables of the variants against ``torch`` (frames, videos, summary, latents)."""
         parts: dict[str, list[pd.DataFrame]] = {"frames": [], "videos": [], "summary": [], "latents": []}
         reference = video_dir(self.work, "torch")
-        for variant in progress(self.variants, "score", "variant", self.show):
+        for variant in progress(self.variants if variants is None else variants, label, "variant", self.show):
             key = stage_key({"stage": "score", "reference": self.keys["generate:torch"],
                              "candidate": self.keys[f"generate:{variant.name}"], "metrics": _metrics_version()})
             out = self._score_path(variant.name)
@@ -216,6 +233,22 @@ class Audit:
                 if kind != "metrics" and path.is_file():
                     parts[kind].append(pd.read_csv(path))
         return {k: pd.concat(v, ignore_index=True) for k, v in parts.items() if v}
+
+    def sensitivity(self, modules, recipe: str) -> dict[str, pd.DataFrame]:
+        """Per-node sensitivity of ``modules`` to ``recipe`` (``quant.sensitivity``), a stage each."""
+        from quant.sensitivity import node_sensitivity, read_sensitivity
+
+        out = {}
+        for module in modules:
+            if f"quantize:{recipe}:{module}" not in self.keys:
+                self.quantize([Variant(f"{recipe}@{module}", {module: recipe})], label="quantize")
+            key = stage_key({"stage": "sensitivity", "recipe": recipe, "module": module,
+                             "quantize": self.keys[f"quantize:{recipe}:{module}"], "method": self.config.int8_method})
+            self._stage(f"sensitivity:{recipe}:{module}", key, lambda m=module: node_sensitivity(
+                self.model, self.work, m, recipe, QuantizeOptions(method=self.config.int8_method),
+                show_progress=self.show))
+            out[module] = read_sensitivity(self.work, module, recipe)
+        return out
 
     def nonfinite(self, variant: str) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -266,11 +299,13 @@ def evaluate(audit: Audit, summary: pd.DataFrame, baseline: tuple[str, dict] | N
     for variant in audit.variants:
         row = rows.get(variant.name, {})
         nonfinite = audit.nonfinite(variant.name)
-        gates = check_gates(variant.name, row, audit.config.gates_for(variant.name), nonfinite)
+        own = audit.config.gates_for(variant.name) or audit.extra_gates.get(variant.name, ())
+        gates = check_gates(variant.name, row, own, nonfinite)
         if baseline is not None and variant.name in baseline[1] and audit.config.regression:
             gates += check_regression(variant.name, row, baseline[1][variant.name], audit.config.regression, baseline[0])
         checked += gates
-        kind = "mix" if variant.name in audit.config.mixes else "attribution" if "@" in variant.name else "full"
+        mix = variant.name in audit.config.mixes or variant.name in audit.extra_gates
+        kind = "mix" if mix else "attribution" if "@" in variant.name else "full"
         entries.append({"name": variant.name, "kind": kind, "modules": variant.modules,
                         "videos": len(audit.records[variant.name]), "nonfinite": nonfinite,
                         "metrics": {k: _clean(v) for k, v in row.items() if k != "variant"},
@@ -329,14 +364,34 @@ def build_results(audit: Audit, entries: list[dict], checked: list[GateResult], 
     }
 
 
+def _extras_for_results(extras: dict) -> dict:
+    out = {}
+    if "sensitivity" in extras:
+        out["sensitivity"] = {"recipe": extras["sensitivity"]["recipe"],
+                              "modules": {m: [{k: _clean(v) for k, v in r.items()} for r in t.to_dict("records")]
+                                          for m, t in extras["sensitivity"]["modules"].items() if t is not None}}
+    if "search" in extras:
+        out["search"] = extras["search"]
+    return out
+
+
 # --- driver ------------------------------------------------------------------------------------
 
-def _acquire(lock: FileLock, where: Path) -> None:
+@contextmanager
+def locked_work(out: Path, fingerprint: str):
+    """Hold ``<work>/.lock`` of this model in ``out`` (waiting, with a message, for another audit)."""
+    work = work_dir(out, fingerprint)
+    work.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(work / ".lock")
     try:
         lock.acquire(timeout=0.5)
     except Timeout:
-        print(f"waiting for another audit of this model (lock {where})", file=sys.stderr)
+        print(f"waiting for another audit of this model (lock {work / '.lock'})", file=sys.stderr)
         lock.acquire()
+    try:
+        yield work
+    finally:
+        lock.release()
 
 
 def _open_run(config: AuditConfig, model: LoadedModel, out: Path, config_key: str, fresh: bool,
@@ -358,8 +413,39 @@ def _write_status(audit: Audit, config_key: str, started: str, status: str, **ex
                                                  **extra})
 
 
+def _analyses(audit: Audit) -> dict:
+    """The optional ``[sensitivity]`` ranking and ``[search]`` of the config, for results.json.
+
+    A found mix joins the run's variants (generated, scored and gated like the others); a
+    search that cannot pass becomes a failing ``search`` gate, not a crash.
+    """
+    from quant.search import SearchFailed, run_search, search_summary
+
+    out: dict = {}
+    config = audit.config
+    if config.sensitivity:
+        out["sensitivity"] = {"recipe": config.sensitivity_recipe,
+                              "modules": audit.sensitivity(config.sensitivity, config.sensitivity_recipe)}
+    if config.search and config.search.enabled:
+        try:
+            result = run_search(audit, config.search)
+        except SearchFailed as exc:
+            out["search_failed"] = str(exc)
+            out["search"] = search_summary(audit.work)
+            return out
+        variant = Variant(config.search.name, result.chosen.modules)
+        audit.extra_gates[variant.name] = result.gates
+        audit.variants.append(variant)
+        audit.generate([variant], label="generate searched mix")
+        out["search"] = search_summary(audit.work)
+        ranking = {m: t for m, t in (out.get("sensitivity", {}).get("modules") or {}).items()}
+        ranking.update(audit.sensitivity(result.searched, config.search.recipe))
+        out["sensitivity"] = {"recipe": config.search.recipe, "modules": ranking}
+    return out
+
+
 def _publish(audit: Audit, tables: dict[str, pd.DataFrame], baseline: str | None, started: str,
-             argv: list[str]) -> tuple[dict, list[GateResult]]:
+             argv: list[str], extras: dict | None = None) -> tuple[dict, list[GateResult]]:
     """Gates, then the run files: results.json, scores/, junit.xml, report.html, history row, dashboard."""
     from reports import history
     from reports.dashboard import render_dashboard
@@ -371,7 +457,11 @@ def _publish(audit: Audit, tables: dict[str, pd.DataFrame], baseline: str | None
     baseline_rows = None if baseline is None else (baseline, history.run_metrics(db, baseline))
     entries, checked = evaluate(audit, tables["summary"], baseline_rows)
     checked = _parity_gates(parity) + checked
+    extras = extras or {}
+    if "search_failed" in extras:
+        checked.append(GateResult("search", "search", "passes", None, None, False, "search", extras["search_failed"]))
     results = build_results(audit, entries, checked, parity, baseline_rows, started, argv)
+    results.update(_extras_for_results(extras))
     audit.link_files()
     _write_scores(audit.run_dir, tables)
     atomic_write_json(audit.run_dir / "results.json", results)
@@ -401,19 +491,37 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
     base = history.resolve_baseline(out / history.DB_NAME, baseline, model.fingerprint) if baseline else None
     if baseline and base is None:
         print(f"no earlier run of this model in {out / history.DB_NAME}: no regression check this time", file=sys.stderr)
-    work = work_dir(out, model.fingerprint)
-    work.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(work / ".lock")
-    _acquire(lock, work / ".lock")
-    try:
+    with locked_work(out, model.fingerprint):
         audit, started = _open_run(config, model, out, config_key, fresh, show_progress)
         audit.export()
         audit.calibrate()
         audit.quantize()
         audit.generate()
+        extras = _analyses(audit)
         tables = audit.score()
-        results, checked = _publish(audit, tables, base, started, argv or sys.argv)
+        results, checked = _publish(audit, tables, base, started, argv or sys.argv, extras)
         _write_status(audit, config_key, started, "complete", finished=results["finished"], verdict=results["verdict"])
-    finally:
-        lock.release()
     return AuditResult(audit.run_id, audit.run_dir, results["verdict"], results, [g for g in checked if not g.passed])
+
+
+def search_pipeline(config: AuditConfig, out: Path, objective: str | None = None, show_progress: bool = True):
+    """`quant-audit search`: export and calibrate (reusing finished stages), then ``quant.search``.
+
+    Raises:
+        UserError: bad configuration or model. SearchFailed: no mix can pass the gate.
+    """
+    from dataclasses import replace
+
+    from quant.config import SearchSettings
+    from quant.search import run_search
+
+    settings = config.search or SearchSettings()
+    if objective:
+        settings = replace(settings, objective=objective)
+    model = load_model(config.model)
+    config.settings.check_for(model.pipe)
+    with locked_work(Path(out), model.fingerprint):
+        audit = Audit(config, model, Path(out), "search", show_progress)
+        audit.export()
+        audit.calibrate()
+        return run_search(audit, settings)

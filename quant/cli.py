@@ -204,6 +204,39 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
+def cmd_sensitivity(args) -> int:
+    from quant.models import load_model
+    from quant.quantize import QuantizeOptions
+    from quant.sensitivity import node_sensitivity, sensitivity_paths
+    from reports.console import sensitivity_table
+    from reports.plots import sensitivity_bars
+
+    model = load_model(args.model)
+    table = node_sensitivity(model, args.out, args.module, args.recipe, QuantizeOptions(method=args.method))
+    csv_path, json_path = sensitivity_paths(args.out, args.module, args.recipe)
+    svg = csv_path.with_name(f"{args.module}.{args.recipe}.svg")
+    from quant.io_utils import atomic_write_text
+
+    atomic_write_text(svg, sensitivity_bars(table, f"{args.module} ({args.recipe})"))
+    print(sensitivity_table(table, args.top))
+    print(f"wrote {csv_path}, {json_path} and {svg}")
+    return EXIT_OK
+
+
+def cmd_search(args) -> int:
+    from quant.audit import search_pipeline
+    from quant.config import load_config
+    from reports.console import search_table
+
+    config = load_config(args.config).override(model=args.model)
+    result = search_pipeline(config, args.out, objective=args.objective)
+    print(search_table(result))
+    print(f"chosen: candidate {result.chosen.index} ({result.chosen.coverage:.1%} INT8 coverage); pin it in audit.toml:")
+    print(result.snippet)
+    print(f"wrote {result.folder}")
+    return EXIT_OK
+
+
 def cmd_report(args) -> int:
     from reports.html import render_report
 
@@ -268,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="'latest' or a run id: fail when a metric drops beyond [regression] tolerances")
     p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished work")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sensitivity", help="rank a module's quantized nodes by what each costs (keep-one-in-FP32)")
+    _add_model_args(p)
+    p.add_argument("--module", required=True, help="text_encoder, transformer, transformer_2 or vae_decoder")
+    p.add_argument("--recipe", default="int8", help="int8, int8-dynamic or fp16 (default int8)")
+    p.add_argument("--method", default="minmax", help="INT8 calibration: minmax, entropy or percentile")
+    p.add_argument("--top", type=int, default=20, help="rows to print (the CSV has every node)")
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("search", help="find the mix with the most INT8 that passes the [search] gates")
+    p.add_argument("--config", type=Path, help="TOML config with a [search] table (default ./audit.toml)")
+    p.add_argument("--model", help="override the config's model")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="output folder shared with `run` (default runs/)")
+    p.add_argument("--objective", choices=["coverage", "latency"], help="override [search] objective")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("report", help="(re)render the HTML report of a run")
     p.add_argument("run", type=Path, help="run folder (holds results.json)")

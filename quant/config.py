@@ -27,12 +27,38 @@ from quant.modules import MODULE_IO
 from quant.prompts import DEFAULT_EVAL_PROMPTS, PROMPTS_DIR
 from quant.quantize import METHODS as INT8_METHODS
 from quant.settings import GenerationSettings
-from quant.variants import RECIPES
+from quant.variants import KEEP_RECIPES, RECIPES, base_recipe, keep_recipe
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "audit.toml"
 QUANT_RECIPES = ("fp16", "int8", "int8-dynamic", "inc-int8")
+
+
+OBJECTIVES = ("coverage", "latency")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The ``[search]`` table: a mixed-precision search driven by the video gate (``quant.search``).
+
+    Attributes:
+        gates: the gate a mix must pass (default: the gates of variant ``recipe``).
+        recipe: the INT8 recipe spread as widely as the gate allows (int8, int8-dynamic).
+        fallback: what a module falls back to when keeping its nodes in FP32 is not enough.
+        objective: ``coverage`` (most INT8 compute nodes) or ``latency`` (least, among passing mixes).
+        name: the mix name written to the config snippet and shown in the report.
+        enabled: also run the search inside ``quant-audit run``.
+        modules: the modules the search may quantize (default all); the others run ``fallback``.
+    """
+
+    gates: tuple[Gate, ...] = ()
+    recipe: str = "int8"
+    fallback: str = "fp16"
+    objective: str = "coverage"
+    name: str = "searched"
+    enabled: bool = False
+    modules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,10 @@ class AuditConfig:
         "mixed": {"text_encoder": "fp16", "transformer": "fp16", "transformer_2": "inc-int8", "vae_decoder": "fp16"}})
     gates: dict[str, tuple[Gate, ...]] = field(default_factory=dict)
     regression: dict[str, float] = field(default_factory=dict)
+    keep_fp32: dict[str, tuple[str, ...]] = field(default_factory=dict)  # "int8+keep-<tag>" -> nodes kept FP32
+    search: "SearchSettings | None" = None
+    sensitivity: tuple[str, ...] = ()  # modules whose per-node sensitivity the run ranks
+    sensitivity_recipe: str = "int8"
     source: str = "built-in defaults"
 
     def override(self, **values) -> "AuditConfig":
@@ -110,10 +140,22 @@ class AuditConfig:
             "quantize": {"recipes": list(self.recipes), "int8_method": self.int8_method},
             "variants": {"run": list(self.variants), "attribution": self.attribution,
                          "save_latents": self.save_latents, "fps": self.fps},
-            "mixes": {k: dict(v) for k, v in self.mixes.items()},
+            "mixes": {k: {m: self._mix_entry(r) for m, r in v.items()} for k, v in self.mixes.items()},
             "gates": {v: {g.metric: g.text for g in gates} for v, gates in self.gates.items()},
             "regression": dict(self.regression),
+            **({"sensitivity": {"modules": list(self.sensitivity), "recipe": self.sensitivity_recipe}}
+               if self.sensitivity else {}),
+            **({"search": {"enabled": self.search.enabled, "recipe": self.search.recipe,
+                           "fallback": self.search.fallback, "objective": self.search.objective,
+                           "name": self.search.name, "modules": list(self.search.modules),
+                           "gates": {g.metric: g.text for g in self.search.gates}}}
+               if self.search else {}),
         }
+
+    def _mix_entry(self, recipe: str):
+        if recipe in self.keep_fp32:
+            return {"recipe": base_recipe(recipe), "keep_fp32": list(self.keep_fp32[recipe])}
+        return recipe
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
@@ -192,21 +234,34 @@ def _parse_recipes(reader: _Reader, key: str, recipes: tuple) -> tuple:
     return recipes
 
 
-def _parse_mixes(reader: _Reader) -> dict[str, dict[str, str]]:
+def _parse_mix_entry(mix: _Reader, module: str, keep: dict[str, tuple[str, ...]]) -> str:
+    """``"fp16"``, or ``{recipe = "int8", keep_fp32 = ["node", ...]}`` (nodes kept in FP32)."""
+    if module not in MODULE_IO:
+        raise mix.error(module, f"unknown module (modules: {', '.join(MODULE_IO)})")
+    if isinstance(mix.table.get(module), dict):
+        entry = mix.sub(module)
+        recipe = entry.take("recipe", str, None)
+        nodes = entry.take_list("keep_fp32", str, ())
+        entry.done()
+        if recipe not in KEEP_RECIPES:
+            raise mix.error(module, f"recipe must be one of {', '.join(KEEP_RECIPES)} to keep nodes in FP32, got {recipe!r}")
+        tagged = keep_recipe(recipe, nodes)
+        if tagged != recipe:
+            keep[tagged] = tuple(sorted(set(nodes)))
+        return tagged
+    recipe = mix.take(module, str, None)
+    if recipe not in RECIPES:
+        raise mix.error(module, f"unknown recipe '{recipe}' (recipes: {', '.join(RECIPES)})")
+    return recipe
+
+
+def _parse_mixes(reader: _Reader, keep: dict[str, tuple[str, ...]]) -> dict[str, dict[str, str]]:
     mixes = {}
     for name in list(reader.table):
         mix = reader.sub(name)
         if "@" in name or name in RECIPES:
             raise reader.error(name, "a mix name must not be a recipe or contain '@'")
-        entries = {}
-        for module in list(mix.table):
-            recipe = mix.take(module, str, None)
-            if module not in MODULE_IO:
-                raise mix.error(module, f"unknown module (modules: {', '.join(MODULE_IO)})")
-            if recipe not in RECIPES:
-                raise mix.error(module, f"unknown recipe '{recipe}' (recipes: {', '.join(RECIPES)})")
-            entries[module] = recipe
-        mixes[name] = entries
+        mixes[name] = {module: _parse_mix_entry(mix, module, keep) for module in list(mix.table)}
     return mixes
 
 
@@ -235,6 +290,30 @@ def _parse_regression(reader: _Reader) -> dict[str, float]:
             raise reader.error(metric, f"tolerance must be a finite number >= 0, got {value!r}")
         out[metric] = value
     return out
+
+
+def _parse_search(reader: _Reader) -> SearchSettings:
+    d = SearchSettings()
+    enabled = reader.take("enabled", bool, d.enabled)
+    recipe = reader.take("recipe", str, d.recipe)
+    if recipe not in ("int8", "int8-dynamic"):
+        raise reader.error("recipe", f"the search spreads int8 or int8-dynamic, got {recipe!r}")
+    fallback = reader.take("fallback", str, d.fallback)
+    if fallback not in ("fp16", "onnx"):
+        raise reader.error("fallback", f"a module falls back to fp16 or onnx (FP32), got {fallback!r}")
+    objective = reader.take("objective", str, d.objective)
+    if objective not in OBJECTIVES:
+        raise reader.error("objective", f"expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    name = reader.take("name", str, d.name)
+    if not name or "@" in name or name in RECIPES:
+        raise reader.error("name", f"a mix name must not be empty, a recipe or contain '@', got {name!r}")
+    modules = reader.take_list("modules", str, d.modules)
+    for module in modules:
+        if module not in MODULE_IO:
+            raise reader.error("modules", f"unknown module '{module}' (modules: {', '.join(MODULE_IO)})")
+    gates = _parse_gates(_Reader(reader.source, {"gates": reader.table.pop("gates", {})}, reader.prefix)).get("gates", ())
+    reader.done()
+    return SearchSettings(gates, recipe, fallback, objective, name, enabled, modules)
 
 
 def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
@@ -279,16 +358,28 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
     if fps < 1:
         raise var.error("fps", f"must be a positive integer, got {fps}")
     var.done()
-    mixes = _parse_mixes(top.sub("mixes")) if "mixes" in data else d.mixes
+    keep: dict[str, tuple[str, ...]] = {}
+    mixes = _parse_mixes(top.sub("mixes"), keep) if "mixes" in data else d.mixes
     top.table.pop("mixes", None)
     gates = _parse_gates(top.sub("gates"))
     regression = _parse_regression(top.sub("regression"))
+    search = _parse_search(top.sub("search")) if "search" in data else None
+    sens = top.sub("sensitivity")
+    sens_modules = sens.take_list("modules", str, ())
+    for module in sens_modules:
+        if module not in MODULE_IO:
+            raise sens.error("modules", f"unknown module '{module}' (modules: {', '.join(MODULE_IO)})")
+    sens_recipe = sens.take("recipe", str, "int8")
+    if sens_recipe not in KEEP_RECIPES:
+        raise sens.error("recipe", f"expected one of {', '.join(KEEP_RECIPES)}, got {sens_recipe!r}")
+    sens.done()
     top.done()
     config = AuditConfig(model=model, tag=tag, settings=settings, eval_prompts=eval_prompts, seeds=seeds,
                          calibration_prompts=cal_prompts, calibration_seeds=cal_seeds, calibration_samples=samples,
                          simplify=simplify, recipes=recipes, int8_method=method, variants=variants,
                          attribution=attribution, save_latents=save_latents, fps=fps, mixes=mixes, gates=gates,
-                         regression=regression, source=source)
+                         regression=regression, keep_fp32=keep, search=search, sensitivity=sens_modules,
+                         sensitivity_recipe=sens_recipe, source=source)
     _check_variants(config)
     return config
 
@@ -299,7 +390,7 @@ def _check_variants(config: AuditConfig) -> None:
         raise UserError(f"{config.source}: variants.run: no variant to audit (list one, or set attribution = true)")
     for name in list(config.variants) + [g for g in config.gates if g != "default"]:
         if name in config.mixes:
-            used = set(config.mixes[name].values())
+            used = {base_recipe(r) for r in config.mixes[name].values()}
         else:
             recipe, _, module = name.partition("@")
             if recipe not in RECIPES:

@@ -129,7 +129,7 @@ def check_onnx_folder(root: Path, recipe: str, model: LoadedModel, settings: Gen
     Raises:
         UserError: no models there, another model's models, or another frame/text shape.
     """
-    folder = Path(root) / "onnx" / RECIPES[recipe]
+    folder = onnx_dir(root, recipe)
     manifest_path = folder / MANIFEST
     hint = "quant-audit export" if recipe == "onnx" else f"quant-audit quantize --recipe {recipe}"
     if not manifest_path.is_file():

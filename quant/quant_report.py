@@ -53,27 +53,29 @@ def precision_census(path: Path) -> dict:
     producers = {out: node for node in model.graph.node for out in node.output}
     types = _types(model, path)
     census: dict[str, dict[str, int]] = {op: {"int8": 0, "fp16": 0, "fp32": 0} for op in COMPUTE_OPS}
-    fp32_nodes: list[str] = []
+    names: dict[str, list[str]] = {"int8": [], "fp16": [], "fp32": []}
     for node in model.graph.node:
         if node.op_type in INTEGER_OPS:
-            census[INTEGER_OPS[node.op_type]]["int8"] += 1
+            precision, op = "int8", INTEGER_OPS[node.op_type]
+        elif node.op_type not in COMPUTE_OPS:
             continue
-        if node.op_type not in COMPUTE_OPS:
-            continue
-        if any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input):
-            census[node.op_type]["int8"] += 1
+        elif any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input):
+            precision, op = "int8", node.op_type
         elif node.input and types.get(node.input[0]) == TensorProto.FLOAT16:
-            census[node.op_type]["fp16"] += 1
+            precision, op = "fp16", node.op_type
         else:
-            census[node.op_type]["fp32"] += 1
-            fp32_nodes.append(node.name or node.output[0])
+            precision, op = "fp32", node.op_type
+        census[op][precision] += 1
+        names[precision].append(node.name or node.output[0])
     ops = [n.op_type for n in model.graph.node]
     return {
         "compute_ops": {op: c for op, c in census.items() if sum(c.values())},
         "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear"),
         "float16_initializers": sum(1 for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16),
         "nodes": len(ops),
-        "fp32_compute_nodes": fp32_nodes,
+        "fp32_compute_nodes": names["fp32"],
+        "int8_compute_nodes": names["int8"],
+        "fp16_compute_nodes": names["fp16"],
     }
 
 

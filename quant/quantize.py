@@ -59,6 +59,9 @@ class QuantizeOptions:
         op_types: op types to quantize (default MatMul/Conv/Gemm static, MatMul/Gemm dynamic).
         nodes_to_exclude: node names kept in FP32.
         fp16_guard: keep FP32 the nodes whose calibration outputs overflow FP16.
+        calibration_cache: ``int8``: a JSON file of tensor ranges (onnxruntime's calibration
+            cache): read when present, written otherwise, so repeated quantizations of one
+            model (sensitivity, search) calibrate once.
     """
 
     method: str = "minmax"
@@ -66,6 +69,7 @@ class QuantizeOptions:
     op_types: tuple[str, ...] | None = None
     nodes_to_exclude: tuple[str, ...] = ()
     fp16_guard: bool = True
+    calibration_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -327,6 +331,7 @@ def _int8_static(job: QuantizeJob) -> QuantizeResult:
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=list(options.nodes_to_exclude) or None, use_external_data_format=_large(pre),
             calibrate_method=getattr(CalibrationMethod, _METHOD[options.method]),
+            calibration_cache_path=options.calibration_cache,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         ), dst)
     result.kept_fp32 = {n: "excluded by configuration" for n in options.nodes_to_exclude}

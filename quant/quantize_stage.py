@@ -28,7 +28,7 @@ from quant.progress import progress
 from quant.quant_report import module_report
 from quant.quantize import QuantizeOptions, quantize
 from quant.settings import GenerationSettings
-from quant.variants import check_recipe, onnx_path
+from quant.variants import base_recipe, check_recipe, onnx_path
 
 SCHEMA_VERSION = 2  # 2: the report records the frame shape, and keeps other modules' entries
 
@@ -42,7 +42,7 @@ def quantize_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pa
                       show_progress: bool = True) -> dict:
     """Quantize every module (or ``modules``) of ``model`` with ``recipe``; returns the report."""
     check_recipe(recipe)
-    if recipe in ("torch", "onnx"):
+    if base_recipe(recipe) in ("torch", "onnx"):
         raise UserError(f"recipe '{recipe}' is not a quantization recipe (use fp16, int8, int8-dynamic, inc-int8)")
     root = Path(root)
     check_onnx_folder(root, "onnx", model, settings)
@@ -55,7 +55,7 @@ def quantize_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pa
     entries = {}
     for module in progress(names, f"quantize {recipe}", "module", show_progress):
         src, dst = onnx_path(root, "onnx", module), onnx_path(root, recipe, module)
-        result = quantize(src, dst, recipe, lambda m=module: calibration.reader(m), options,
+        result = quantize(src, dst, base_recipe(recipe), lambda m=module: calibration.reader(m), options,
                           torch_module=lambda m=module: torch_module(model.pipe, m),
                           input_names=MODULE_IO[module].inputs, output_names=MODULE_IO[module].outputs)
         sample = calibration.reader(module, "holdout").get_next() or calibration.reader(module).get_next()

@@ -7,6 +7,10 @@ Recipes: ``torch`` (FP32 PyTorch, the reference), ``onnx`` (FP32 ONNX Runtime), 
 Variant names: ``<recipe>`` (every module), ``<recipe>@<module>`` (one module swapped, the rest
 ``torch``).
 
+A module can also run a recipe with some nodes kept in FP32 (mixed precision inside a module):
+``keep_recipe("int8", nodes)`` names it ``int8+keep-<hash of the nodes>``, with its own folder
+``onnx/int8+keep-<hash>/``. ``base_recipe`` gives back ``int8``.
+
 Example::
 
     >>> parse_variant("int8@transformer", ["text_encoder", "transformer", "vae_decoder"]).modules
@@ -15,6 +19,9 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +50,28 @@ class Variant:
         return {m: r for m, r in self.modules.items() if r != "torch"}
 
 
+KEEP_RECIPES = ("int8", "int8-dynamic", "fp16")  # their handlers keep named nodes in FP32
+_KEEP = re.compile(r"^(?P<base>[a-z0-9-]+)\+keep-(?P<tag>[0-9a-f]{12})$")
+
+
+def keep_recipe(recipe: str, nodes) -> str:
+    """The name of ``recipe`` with ``nodes`` kept in FP32 (``recipe`` itself when there are none)."""
+    nodes = sorted(set(nodes))
+    if not nodes:
+        return recipe
+    tag = hashlib.sha256(json.dumps(nodes).encode()).hexdigest()[:12]
+    return f"{recipe}+keep-{tag}"
+
+
+def base_recipe(recipe: str) -> str:
+    match = _KEEP.match(recipe)
+    return match["base"] if match else recipe
+
+
 def check_recipe(recipe: str) -> str:
+    match = _KEEP.match(recipe)
+    if match and match["base"] in KEEP_RECIPES:
+        return recipe
     if recipe not in RECIPES:
         raise UserError(f"unknown recipe '{recipe}' (recipes: {', '.join(RECIPES)})")
     return recipe
@@ -65,10 +93,10 @@ def parse_variant(name: str, modules: list[str]) -> Variant:
 
 def onnx_dir(root: Path, recipe: str) -> Path:
     """The folder holding ``recipe``'s ONNX models under the run folder ``root``."""
-    folder = RECIPES[check_recipe(recipe)]
+    folder = RECIPES[base_recipe(check_recipe(recipe))]
     if folder is None:
         raise ValueError("recipe 'torch' has no ONNX files")
-    return Path(root) / "onnx" / folder
+    return Path(root) / "onnx" / (recipe if recipe != base_recipe(recipe) else folder)
 
 
 def onnx_path(root: Path, recipe: str, module: str) -> Path:

@@ -107,3 +107,25 @@ def history_tables(runs, rows, metric: str) -> str:
         values.setdefault(r.variant, {})[r.run_id] = _num(value, ".3f") + mark
     trend = _table(["variant", *labels], [[v, *(cells.get(r, "") for r in order)] for v, cells in values.items()])
     return (f"{len(runs)} run(s)\n{listing}\n\n{metric} across runs (! failed a gate, !R regression)\n{trend}")
+
+
+def sensitivity_table(table, top: int = 20) -> str:
+    """The ``top`` most sensitive nodes of a ``quant.sensitivity`` ranking."""
+    rows = [[str(r.rank), r.node, r.op_type, _num(r.activation_sqnr_db, ".1f"), _num(r.keep_fp32_sqnr_db, ".2f"),
+             _num(r.gain_db, "+.3f")] for r in table.head(top).itertuples()]
+    head = f"{len(table)} quantized nodes, ranked by the module-output SQNR gained by keeping each one in FP32"
+    return head + "\n" + _table(["rank", "node", "op", "activation_sqnr_db", "keep_fp32_sqnr_db", "gain_db"], rows)
+
+
+def search_table(result) -> str:
+    """Every verified candidate of a mixed-precision search, with the references."""
+    metric = result.gates[0].metric if result.gates else "psnr_mean"
+    rows = []
+    for c in [*result.references.values(), *result.candidates]:
+        mark = "<- chosen" if c is result.chosen else ""
+        index = str(c.index) if c.index >= 0 else c.label
+        rows.append([index, f"{c.coverage:.1%}", _num(c.latency_ms, ".1f"), _num(c.metrics.get(metric), ".3f"),
+                     "pass" if c.passed else "fail", mark])
+    gates = ", ".join(f"{g.metric} {g.op} {g.threshold:g}" for g in result.gates)
+    return (f"search against {gates} ({len(result.moves)} moves, {len(result.candidates)} candidates verified)\n"
+            + _table(["candidate", "int8_coverage", "ms_per_video", metric, "gate", ""], rows))

@@ -116,6 +116,7 @@ def _quantization(run_dir: Path) -> list[dict]:
 
 def describe_modules(modules: dict[str, str]) -> str:
     """``all fp16``; ``transformer_2=int8 (rest torch)``; or every module's recipe for a mix."""
+    modules = {m: (r.split("+")[0] + " (nodes kept FP32)" if "+keep-" in r else r) for m, r in modules.items()}
     recipes = set(modules.values())
     if len(recipes) == 1:
         return f"all {recipes.pop()}"
@@ -124,6 +125,16 @@ def describe_modules(modules: dict[str, str]) -> str:
         (module, recipe), = swapped.items()
         return f"{module}={recipe} (rest torch)"
     return ", ".join(f"{m}={r}" for m, r in modules.items())
+
+
+def _sensitivity(results: dict) -> list[dict]:
+    section = results.get("sensitivity") or {}
+    out = []
+    for module, rows in (section.get("modules") or {}).items():
+        table = pd.DataFrame(rows)
+        out.append({"module": module, "recipe": section.get("recipe"), "rows": rows[:15], "nodes": len(rows),
+                    "svg": _svg(plots.sensitivity_bars(table, f"{module} ({section.get('recipe')})"))})
+    return out
 
 
 def _svg(text: str) -> Markup:
@@ -159,6 +170,9 @@ def report_context(run_dir: Path) -> dict:
         "latents_svg": _svg(plots.latent_curves(latents, main)) if len(latents) else "",
         "playback": _playback(run_dir, results, main), "diff_gain": DIFF_GAIN,
         "quantization": _quantization(run_dir),
+        "sensitivity": _sensitivity(results),
+        "search": results.get("search") or None,
+        "search_svg": _svg(plots.search_curve(results["search"])) if results.get("search") else "",
         "config_toml": (run_dir / "config.toml").read_text(encoding="utf-8") if (run_dir / "config.toml").is_file() else "",
         "title": f"quant-audit {results['run_id']}",
     }

@@ -115,3 +115,50 @@ def history_chart(rows: pd.DataFrame, metric: str, variants: list[str]) -> str:
     ax.set(ylabel=metric, title=f"{metric} across runs")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return to_svg(fig)
+
+
+def sensitivity_bars(table: pd.DataFrame, title: str, top: int = 15) -> str:
+    """The ``top`` nodes by keep-one-in-FP32 gain (dB at the module output), most sensitive on top."""
+    if table is None or table.empty:
+        return ""
+    part = table.head(top)
+    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.28 * len(part)))
+    colours = ["#cf222e" if g > 0 else "#8c959f" for g in part["gain_db"]]
+    bars = ax.barh(np.arange(len(part)), part["gain_db"], color=colours)
+    ax.bar_label(bars, fmt="%+.2f", fontsize=7, padding=2)
+    ax.set_yticks(np.arange(len(part)), [f"{n} ({o})" for n, o in zip(part["node"], part["op_type"])], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="module-output SQNR gained by keeping this node in FP32 (dB)", title=f"Sensitivity: {title}")
+    return to_svg(fig)
+
+
+def search_curve(search: dict) -> str:
+    """Video quality against INT8 coverage and against latency for every verified candidate;
+    the chosen mix is a star, the all-INT8 and all-FP16 references are labelled."""
+    candidates = search.get("candidates") or []
+    if not candidates:
+        return ""
+    metric = search["settings"]["gates"][0].split()[0]
+    threshold = float(search["settings"]["gates"][0].split()[-1])
+    chosen = (search.get("chosen") or {}).get("index")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    for ax, x, label in ((axes[0], "coverage", "INT8 coverage (share of compute nodes)"),
+                         (axes[1], "latency_ms", "ORT CPU time per video (ms, estimated)")):
+        for c in candidates:
+            colour = "#1a7f37" if c["passed"] else "#cf222e"
+            ax.scatter(c[x], c["metrics"].get(metric), color=colour, s=24, zorder=3)
+            ax.annotate(str(c["index"]), (c[x], c["metrics"].get(metric)), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+            if c["index"] == chosen:
+                ax.scatter(c[x], c["metrics"].get(metric), marker="*", s=260, facecolors="none",
+                           edgecolors="black", zorder=4, label="chosen")
+        for name, ref in (search.get("references") or {}).items():
+            ax.scatter(ref[x], ref["metrics"].get(metric), marker="s", s=40, color="0.4", zorder=3)
+            ax.annotate(f"all {name}", (ref[x], ref["metrics"].get(metric)), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points")
+        ax.axhline(threshold, color="0.5", ls="--", lw=1)
+        ax.set(xlabel=label)
+    axes[0].set(ylabel=metric, title="Quality against INT8 coverage (green: passes the gate)")
+    axes[1].set(title="Quality against latency")
+    axes[0].legend(fontsize=7, loc="lower left")
+    return to_svg(fig)

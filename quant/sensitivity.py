@@ -1,0 +1,180 @@
+"""Per-node sensitivity of one module to one recipe: which quantized nodes cost the most.
+
+For every compute node the recipe quantizes (MatMul, Conv, Gemm; in ``fp16``, every node the
+converter turns to FP16 that is a compute node), two numbers on held-back calibration inputs:
+
+- ``activation_sqnr_db``: SQNR of the node's output in the fully quantized module against the
+  same tensor in FP32 (error accumulated up to that node, as onnxruntime's ``qdq_loss_debug``
+  ``xmodel_err``). Both graphs come from the same quantizer call (the FP32 one with every
+  node excluded), so tensor names match one to one.
+- ``gain_db`` (the ranking): **keep-one-in-FP32**. The module is quantized with only this
+  node excluded, and its output SQNR against FP32 is compared with the fully quantized
+  module's: the dB this one node costs, measured at the module output. We use keep-one-in
+  (not quantize-one-at-a-time) because it measures each node in the context the search
+  starts from, a fully quantized module, and because ``int8`` reuses one calibration for
+  every candidate (onnxruntime's calibration cache), so each costs a quantizer pass only.
+
+Writes ``<root>/sensitivity/<module>.<recipe>.csv`` (ranked) and ``.json`` (method, the fully
+quantized module's SQNR, versions).
+
+Example::
+
+    table = node_sensitivity(model, Path("runs/work/ab12"), "transformer_2", "int8")
+    table.head()   # rank, node, op_type, activation_sqnr_db, keep_fp32_sqnr_db, gain_db
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+
+from quant.calibration import open_calibration
+from quant.environment import versions
+from quant.errors import UserError
+from quant.export import save_model
+from quant.io_utils import atomic_path, atomic_write_json
+from quant.models import LoadedModel
+from quant.modules import MODULE_IO
+from quant.ort_modules import open_session, run_session
+from quant.progress import progress
+from quant.quant_report import precision_census
+from quant.quantize import QuantizeOptions, quantize
+from quant.variants import onnx_path
+from metrics.tensor import sqnr_db
+
+SCHEMA_VERSION = 1
+RECIPES = ("int8", "int8-dynamic", "fp16")  # recipes whose handlers can exclude single nodes
+METHOD = ("keep-one-in-FP32: module-output SQNR against FP32 with only this node excluded, minus the fully "
+          "quantized module's; activation SQNR: the node's output in the fully quantized module against FP32")
+
+
+def sensitivity_paths(root: Path, module: str, recipe: str) -> tuple[Path, Path]:
+    folder = Path(root) / "sensitivity"
+    return folder / f"{module}.{recipe}.csv", folder / f"{module}.{recipe}.json"
+
+
+def _holdout(calibration, module: str) -> list[dict]:
+    reader = calibration.reader(module, "holdout")
+    samples = []
+    while (sample := reader.get_next()) is not None:
+        samples.append(sample)
+    if not samples:
+        reader = calibration.reader(module)
+        samples = [reader.get_next()]
+    return samples
+
+
+def _output_sqnr(path: Path, reference: list[np.ndarray], samples: list[dict]) -> float:
+    """Mean SQNR (dB) over ``samples`` of the model's output against ``reference`` outputs."""
+    session = open_session(path)
+    values = [sqnr_db(run_session(session, s)[0], ref) for s, ref in zip(samples, reference)]
+    finite = [v for v in values if math.isfinite(v)]
+    if any(v == -math.inf for v in values):
+        return -math.inf
+    return float(np.mean(finite)) if finite else math.inf
+
+
+def _with_outputs(path: Path, names: list[str], dst: Path) -> Path:
+    """A copy of ``path`` that also outputs the tensors ``names`` (untyped outputs, as qdq_loss_debug)."""
+    model = onnx.load(str(path))
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            info = onnx.ValueInfoProto()
+            info.name = name
+            model.graph.output.append(info)
+    save_model(model, dst, model.ByteSize() > 1_800_000_000)
+    return dst
+
+
+def _activation_sqnr(quantized: Path, floating: Path, tensors: list[str], samples: list[dict], tmp: Path) -> dict:
+    q = open_session(_with_outputs(quantized, tensors, tmp / "q-aug.onnx"))
+    f = open_session(_with_outputs(floating, tensors, tmp / "f-aug.onnx"))
+    q_names, f_names = [o.name for o in q.get_outputs()], [o.name for o in f.get_outputs()]
+    values: dict[str, list[float]] = {t: [] for t in tensors}
+    for sample in samples:
+        q_out = dict(zip(q_names, run_session(q, sample)))
+        f_out = dict(zip(f_names, run_session(f, sample)))
+        for t in tensors:
+            if t in q_out and t in f_out:
+                values[t].append(sqnr_db(q_out[t], f_out[t]))
+    return {t: (float(np.mean([x for x in v if math.isfinite(x)])) if any(math.isfinite(x) for x in v)
+                else (v[0] if v else math.nan)) for t, v in values.items()}
+
+
+def node_sensitivity(model: LoadedModel, root: Path, module: str, recipe: str = "int8",
+                     options: QuantizeOptions = QuantizeOptions(), show_progress: bool = True) -> pd.DataFrame:
+    """Rank the nodes ``recipe`` quantizes in ``module`` (see the module doc) and write the files.
+
+    Raises:
+        UserError: a recipe that cannot exclude single nodes, or no export/calibration under ``root``.
+    """
+    if recipe not in RECIPES:
+        raise UserError(f"sensitivity: recipe '{recipe}' cannot keep single nodes in FP32 (recipes: {', '.join(RECIPES)})")
+    root = Path(root)
+    src = onnx_path(root, "onnx", module)
+    if not src.is_file():
+        raise UserError(f"{src}: no FP32 export of '{module}' here; run `quant-audit export --out {root}` first")
+    calibration = open_calibration(root, model)
+    samples = _holdout(calibration, module)
+    fp32 = open_session(src)
+    reference = [run_session(fp32, s)[0] for s in samples]
+    io = dict(input_names=MODULE_IO[module].inputs, output_names=MODULE_IO[module].outputs)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qa-sens-") as tmp_name:
+        tmp = Path(tmp_name)
+        cached = QuantizeOptions(**{**options.__dict__, "calibration_cache": str(tmp / "ranges.json")
+                                    if recipe == "int8" else None})
+
+        def build(name: str, exclude: tuple[str, ...]) -> Path:
+            opts = QuantizeOptions(**{**cached.__dict__, "nodes_to_exclude": tuple(options.nodes_to_exclude) + exclude})
+            dst = tmp / f"{name}.onnx"
+            quantize(src, dst, recipe, lambda: calibration.reader(module), opts, **io)
+            return dst
+
+        full = build("full", ())
+        census = precision_census(full)
+        nodes = census["int8_compute_nodes" if recipe != "fp16" else "fp16_compute_nodes"]
+        if not nodes:
+            raise UserError(f"sensitivity: '{recipe}' quantizes no compute node of '{module}'; nothing to rank")
+        graph = onnx.load(str(full), load_external_data=False).graph
+        by_name = {n.name or n.output[0]: n for n in graph.node}
+        full_sqnr = _output_sqnr(full, reference, samples)
+        # fp16 keeps tensor names; int8 pre-processes, so its FP32 twin comes from the same quantizer call
+        floating = src if recipe == "fp16" else build("float", tuple(nodes))
+        activations = _activation_sqnr(full, floating, [by_name[n].output[0] for n in nodes], samples, tmp)
+        rows = []
+        for node in progress(nodes, f"sensitivity {module} {recipe}", "node", show_progress):
+            keep = _output_sqnr(build("keep", (node,)), reference, samples)
+            rows.append({"node": node, "op_type": by_name[node].op_type,
+                         "activation_sqnr_db": activations.get(by_name[node].output[0], math.nan),
+                         "keep_fp32_sqnr_db": keep, "gain_db": keep - full_sqnr})
+    table = pd.DataFrame(rows).sort_values("gain_db", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    table.insert(1, "module", module)
+    _write(root, module, recipe, table, {"full_sqnr_db": full_sqnr, "samples": len(samples),
+                                         "seconds": round(time.perf_counter() - start, 2), "options": cached.__dict__})
+    return table
+
+
+def _write(root: Path, module: str, recipe: str, table: pd.DataFrame, extra: dict) -> None:
+    csv_path, json_path = sensitivity_paths(root, module, recipe)
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    clean = lambda v: v if not isinstance(v, float) or math.isfinite(v) else None  # noqa: E731
+    atomic_write_json(json_path, {"schema_version": SCHEMA_VERSION, "module": module, "recipe": recipe,
+                                  "method": METHOD, "nodes": len(table), "versions": versions(),
+                                  **{k: clean(v) if not isinstance(v, dict) else
+                                     {a: clean(b) for a, b in v.items()} for k, v in extra.items()},
+                                  "ranking": [{k: clean(v) for k, v in r.items()} for r in table.to_dict("records")]})
+
+
+def read_sensitivity(root: Path, module: str, recipe: str) -> pd.DataFrame | None:
+    csv_path, _ = sensitivity_paths(root, module, recipe)
+    return pd.read_csv(csv_path) if csv_path.is_file() else None
