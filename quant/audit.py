@@ -504,7 +504,8 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
     return AuditResult(audit.run_id, audit.run_dir, results["verdict"], results, [g for g in checked if not g.passed])
 
 
-def search_pipeline(config: AuditConfig, out: Path, objective: str | None = None, show_progress: bool = True):
+def search_pipeline(config: AuditConfig, out: Path, objective: str | None = None, inc_compare: str | None = None,
+                    show_progress: bool = True):
     """`quant-audit search`: export and calibrate (reusing finished stages), then ``quant.search``.
 
     Raises:
@@ -518,6 +519,8 @@ def search_pipeline(config: AuditConfig, out: Path, objective: str | None = None
     settings = config.search or SearchSettings()
     if objective:
         settings = replace(settings, objective=objective)
+    if inc_compare:
+        settings = replace(settings, inc_compare=inc_compare)
     model = load_model(config.model)
     config.settings.check_for(model.pipe)
     with locked_work(Path(out), model.fingerprint):

@@ -226,13 +226,15 @@ def cmd_sensitivity(args) -> int:
 def cmd_search(args) -> int:
     from quant.audit import search_pipeline
     from quant.config import load_config
-    from reports.console import search_table
+    from reports.console import inc_table, search_table
 
     config = load_config(args.config).override(model=args.model)
-    result = search_pipeline(config, args.out, objective=args.objective)
+    result = search_pipeline(config, args.out, objective=args.objective, inc_compare=args.inc_compare)
     print(search_table(result))
     print(f"chosen: candidate {result.chosen.index} ({result.chosen.coverage:.1%} INT8 coverage); pin it in audit.toml:")
     print(result.snippet)
+    if result.inc:
+        print(inc_table(result.inc))
     print(f"wrote {result.folder}")
     return EXIT_OK
 
@@ -315,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the config's model")
     p.add_argument("--out", type=Path, default=Path("runs"), help="output folder shared with `run` (default runs/)")
     p.add_argument("--objective", choices=["coverage", "latency"], help="override [search] objective")
+    p.add_argument("--inc-compare", choices=["transformer", "transformer_2"],
+                   help="also run neural-compressor's autotune on this module with the same video metric")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("report", help="(re)render the HTML report of a run")

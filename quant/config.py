@@ -50,6 +50,8 @@ class SearchSettings:
         name: the mix name written to the config snippet and shown in the report.
         enabled: also run the search inside ``quant-audit run``.
         modules: the modules the search may quantize (default all); the others run ``fallback``.
+        inc_compare: a denoiser module on which to run neural-compressor's ``autotune`` with the
+            same video metric, for comparison ("" to skip).
     """
 
     gates: tuple[Gate, ...] = ()
@@ -59,6 +61,7 @@ class SearchSettings:
     name: str = "searched"
     enabled: bool = False
     modules: tuple[str, ...] = ()
+    inc_compare: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class AuditConfig:
             **({"search": {"enabled": self.search.enabled, "recipe": self.search.recipe,
                            "fallback": self.search.fallback, "objective": self.search.objective,
                            "name": self.search.name, "modules": list(self.search.modules),
+                           "inc_compare": self.search.inc_compare,
                            "gates": {g.metric: g.text for g in self.search.gates}}}
                if self.search else {}),
         }
@@ -311,9 +315,12 @@ def _parse_search(reader: _Reader) -> SearchSettings:
     for module in modules:
         if module not in MODULE_IO:
             raise reader.error("modules", f"unknown module '{module}' (modules: {', '.join(MODULE_IO)})")
+    inc_compare = reader.take("inc_compare", str, d.inc_compare)
+    if inc_compare not in ("", "transformer", "transformer_2"):
+        raise reader.error("inc_compare", f"expected a denoiser module (transformer, transformer_2) or \"\", got {inc_compare!r}")
     gates = _parse_gates(_Reader(reader.source, {"gates": reader.table.pop("gates", {})}, reader.prefix)).get("gates", ())
     reader.done()
-    return SearchSettings(gates, recipe, fallback, objective, name, enabled, modules)
+    return SearchSettings(gates, recipe, fallback, objective, name, enabled, modules, inc_compare)
 
 
 def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:

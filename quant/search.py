@@ -78,6 +78,7 @@ class SearchResult:
     folder: Path | None = None
     gates: tuple[Gate, ...] = ()
     searched: list[str] = field(default_factory=list)
+    inc: dict | None = None
 
 
 def _gates(audit, settings: SearchSettings) -> tuple[Gate, ...]:
@@ -103,6 +104,7 @@ class Search:
         self.total_nodes = sum(self._census("onnx", m)["total"] for m in self.modules)
         self._latency: dict[tuple[str, str], float] = {}
         self.evaluated: dict[int, Candidate] = {}
+        self.inc: dict | None = None
 
     def _census(self, recipe: str, module: str) -> dict:
         census = precision_census(onnx_path(self.audit.work, recipe, module))
@@ -218,6 +220,24 @@ def _bisect(search: Search, moves: list) -> Candidate:
     return at(hi)
 
 
+def compare_with_inc(search: Search, chosen: Candidate, module: str) -> dict:
+    """Our chosen recipe for ``module`` and INC's ``autotune`` on it, each scored with only that
+    module quantized (``quant.inc_tune``)."""
+    from quant.inc_tune import inc_autotune
+
+    if module not in search.modules:
+        raise UserError(f"search: inc_compare: this model has no '{module}'")
+    recipe = chosen.modules[module]
+    variant = Variant(f"{search.settings.name}@{module}", {m: (recipe if m == module else "torch") for m in search.modules})
+    search.audit.quantize([variant], label="search: quantize")
+    search.audit.generate([variant], label="search: inc comparison")
+    row = search.audit.score([variant], label="search: score")["summary"].iloc[0]
+    census = search._census(recipe, module) if recipe not in ("torch",) else {"int8": 0, "total": 0}
+    ours = {"recipe": base_recipe(recipe), "keep_fp32": chosen.keep.get(module, []), "value": _clean(row[search.metric]),
+            "int8_nodes": census["int8"], "compute_nodes": census["total"]}
+    return {"module": module, "ours": ours, "inc": inc_autotune(search.audit, module, search.gates)}
+
+
 def snippet(result_name: str, chosen: Candidate) -> str:
     """The ``[mixes.<name>]`` table that pins the chosen mix in ``audit.toml``."""
     entries = {}
@@ -247,9 +267,11 @@ def run_search(audit, settings: SearchSettings) -> SearchResult:
         _write(search, moves, attribution, references, time.perf_counter() - start)
     if settings.objective == "latency":
         chosen = min((c for c in search.evaluated.values() if c.passed), key=lambda c: c.latency_ms)
+    if settings.inc_compare:
+        search.inc = compare_with_inc(search, chosen, settings.inc_compare)
     result = SearchResult(settings, chosen, sorted(search.evaluated.values(), key=lambda c: c.index), moves,
                           attribution, references, snippet(settings.name, chosen), audit.work / "search",
-                          search.gates, search.searched)
+                          search.gates, search.searched, search.inc)
     _write(search, moves, attribution, references, time.perf_counter() - start, result)
     return result
 
@@ -272,6 +294,7 @@ def _write(search: Search, moves, attribution, references, seconds: float, resul
         "candidates": [asdict(c) for c in candidates],
         "chosen": asdict(result.chosen) if result else None, "finished": result is not None,
         "snippet": result.snippet if result else None,
+        "inc_compare": search.inc,
     })
     if result:
         atomic_write_text(folder / f"{search.settings.name}.toml", result.snippet)

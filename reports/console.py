@@ -129,3 +129,14 @@ def search_table(result) -> str:
     gates = ", ".join(f"{g.metric} {g.op} {g.threshold:g}" for g in result.gates)
     return (f"search against {gates} ({len(result.moves)} moves, {len(result.candidates)} candidates verified)\n"
             + _table(["candidate", "int8_coverage", "ms_per_video", metric, "gate", ""], rows))
+
+
+def inc_table(comparison: dict) -> str:
+    """Our search's recipe for one module against INC autotune's trials, on the same video metric."""
+    ours, inc = comparison["ours"], comparison["inc"]
+    rows = [["quant-audit search", f"{ours['recipe']} + {len(ours['keep_fp32'])} node(s) FP32", _num(ours["value"], ".2f"), ""]]
+    for t in inc["trials"][1:]:
+        rows.append([f"INC trial {t['trial']}", f"act_sym={t['config']['act_sym']} act_algo={t['config']['act_algo']}",
+                     _num(t["value"], ".2f"), "pass" if t["passed"] else "fail"])
+    return (f"{comparison['module']} alone quantized, {inc['gate']} (INC FP32 baseline {inc['fp32_baseline']:.2f})\n"
+            + _table(["who", "setting", "value", "gate"], rows))

@@ -42,6 +42,7 @@ psnr_mean = ">= 20"
 [search]
 enabled = true
 modules = ["text_encoder", "transformer", "transformer_2"]   # the VAE stays fp16 (fallback)
+inc_compare = "transformer_2"
 [search.gates]
 psnr_mean = ">= {psnr_mean}"
 ssim_min = ">= 0.9"
@@ -184,3 +185,20 @@ def test_bisection_refuses_when_even_the_fallback_fails():
     with pytest.raises(SearchFailed, match="no mix can pass psnr_mean >= 30"):
         _bisect(stub, list(range(64)))
     assert stub.calls == 2
+
+
+def test_inc_autotune_is_compared_on_the_same_video_metric(searched):
+    _, _, run_dir, results = searched
+    comparison = results["search"]["inc_compare"]
+    assert comparison["module"] == "transformer_2"
+    inc, ours = comparison["inc"], comparison["ours"]
+    # INC's own FP32 baseline evaluation went through our eval function: the exported FP32
+    # module regenerates the reference videos (PSNR capped at 100 dB where identical)
+    assert inc["trials"][0]["config"] == "fp32 baseline" and inc["trials"][0]["value"] > 80
+    assert inc["fp32_baseline"] > 80 and 0 < inc["tolerable_loss"] < 1
+    trials = inc["trials"][1:]
+    assert trials and all(t["metric"] == "psnr_mean" and 0 < t["value"] < 100 for t in trials)
+    # autotune stops at the first trial that passes the gate
+    assert [t["passed"] for t in trials].count(True) <= 1 and inc["passed"] == trials[-1]["passed"]
+    assert ours["recipe"] == "int8" and ours["value"] >= 35 and 0 < ours["int8_nodes"] <= ours["compute_nodes"]
+    assert "neural-compressor" in (run_dir / "report.html").read_text()
