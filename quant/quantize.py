@@ -62,6 +62,8 @@ class QuantizeOptions:
         calibration_cache: ``int8``: a JSON file of tensor ranges (onnxruntime's calibration
             cache): read when present, written otherwise, so repeated quantizations of one
             model (sensitivity, search) calibrate once.
+        preprocessed: ``int8``: the source is already ``quant_pre_process``'s output
+            (``preprocess``), so repeated quantizations of one model pre-process once.
     """
 
     method: str = "minmax"
@@ -70,6 +72,7 @@ class QuantizeOptions:
     nodes_to_exclude: tuple[str, ...] = ()
     fp16_guard: bool = True
     calibration_cache: str | None = None
+    preprocessed: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -291,6 +294,12 @@ def _cleaned_copy(src: Path, work: Path) -> Path:
     return cleaned
 
 
+def preprocess(src: Path, work: Path) -> tuple[Path, list[str]]:
+    """``quant_pre_process`` (with fallbacks) of ``src`` into ``work``: (the graph, notes)."""
+    result = QuantizeResult("int8", Path(src))
+    return _preprocess(Path(src), Path(work), result), result.notes
+
+
 def _preprocess(src: Path, work: Path, result: QuantizeResult) -> Path:
     """``quant_pre_process`` with fallbacks: full, then without symbolic shape inference, then
     without optimization, then the cleaned graph as is. Each fallback is noted."""
@@ -322,7 +331,7 @@ def _int8_static(job: QuantizeJob) -> QuantizeResult:
     src, dst, calibration, options = job.src, job.dst, job.calibration, job.options
     result = QuantizeResult("int8", dst)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        pre = _preprocess(src, Path(tmp), result)
+        pre = src if options.preprocessed else _preprocess(src, Path(tmp), result)
         # The quantizer writes into save_atomically's private folder (its external data is named
         # <file>.data, as ours), so the result is moved into place without a reload.
         save_atomically(lambda out: quantize_static(

@@ -174,8 +174,8 @@ class Search:
         moves = []
         for module in order:
             table = ranking[module]
-            helpful = table[table["gain_db"] > 0]["node"].tolist() if table is not None else []
-            moves += [("keep", module, node) for node in helpful]
+            helpful = table[table["gain_db"] > 0]["members"].tolist() if table is not None else []
+            moves += [("keep", module, members) for members in helpful]  # a layer: ";"-joined nodes
             moves.append(("fallback", module, self.settings.fallback))
         return moves
 
@@ -184,7 +184,7 @@ class Search:
         fallback: set[str] = set(self.modules) - set(self.searched)
         for kind, module, what in moves:
             if kind == "keep":
-                keep[module].append(what)
+                keep[module] += what.split(";")
             else:
                 fallback.add(module)
         modules = {m: (self.settings.fallback if m in fallback else keep_recipe(self.settings.recipe, keep[m]))

@@ -1,7 +1,8 @@
 """Per-node sensitivity of one module to one recipe: which quantized nodes cost the most.
 
-For every compute node the recipe quantizes (MatMul, Conv, Gemm; in ``fp16``, every node the
-converter turns to FP16 that is a compute node), two numbers on held-back calibration inputs:
+For every compute layer the recipe quantizes (MatMul, Conv, Gemm nodes, grouped by the weight
+they read, so a layer the exporter unrolled into several nodes is one unit; in ``fp16``, the
+compute nodes the converter turns to FP16), two numbers on held-back calibration inputs:
 
 - ``activation_sqnr_db``: SQNR of the node's output in the fully quantized module against the
   same tensor in FP32 (error accumulated up to that node, as onnxruntime's ``qdq_loss_debug``
@@ -20,7 +21,7 @@ quantized module's SQNR, versions).
 Example::
 
     table = node_sensitivity(model, Path("runs/work/ab12"), "transformer_2", "int8")
-    table.head()   # rank, node, op_type, activation_sqnr_db, keep_fp32_sqnr_db, gain_db
+    table.head()   # rank, node, op_type, nodes, weight, members, activation_sqnr_db, keep_fp32_sqnr_db, gain_db
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from quant.modules import MODULE_IO
 from quant.ort_modules import open_session, run_session
 from quant.progress import progress
 from quant.quant_report import precision_census
-from quant.quantize import QuantizeOptions, quantize
+from quant.quantize import QuantizeOptions, preprocess, quantize
 from quant.variants import onnx_path
 from metrics.tensor import sqnr_db
 
@@ -108,6 +109,21 @@ def _activation_sqnr(quantized: Path, floating: Path, tensors: list[str], sample
                 else (v[0] if v else math.nan)) for t, v in values.items()}
 
 
+def weight_groups(graph_path: Path, nodes: list[str]) -> dict[str, list[str]]:
+    """``nodes`` grouped by the weight initializer they read (input 1): one layer whose graph
+    was unrolled (the Wan VAE decoder repeats each conv per latent-frame chunk) is one unit.
+    Nodes without an initializer weight (activation x activation MatMul) are their own unit."""
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    by_name = {n.name or n.output[0]: n for n in graph.node}
+    groups: dict[str, list[str]] = {}
+    for name in nodes:
+        node = by_name.get(name)
+        weight = node.input[1] if node is not None and len(node.input) > 1 and node.input[1] in initializers else name
+        groups.setdefault(weight, []).append(name)
+    return groups
+
+
 def node_sensitivity(model: LoadedModel, root: Path, module: str, recipe: str = "int8",
                      options: QuantizeOptions = QuantizeOptions(), show_progress: bool = True) -> pd.DataFrame:
     """Rank the nodes ``recipe`` quantizes in ``module`` (see the module doc) and write the files.
@@ -129,13 +145,16 @@ def node_sensitivity(model: LoadedModel, root: Path, module: str, recipe: str = 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qa-sens-") as tmp_name:
         tmp = Path(tmp_name)
-        cached = QuantizeOptions(**{**options.__dict__, "calibration_cache": str(tmp / "ranges.json")
-                                    if recipe == "int8" else None})
+        source, cached = src, options
+        if recipe == "int8":  # pre-process and calibrate once; every candidate reuses both
+            source, _ = preprocess(src, tmp)
+            cached = QuantizeOptions(**{**options.__dict__, "calibration_cache": str(tmp / "ranges.json"),
+                                        "preprocessed": True})
 
         def build(name: str, exclude: tuple[str, ...]) -> Path:
             opts = QuantizeOptions(**{**cached.__dict__, "nodes_to_exclude": tuple(options.nodes_to_exclude) + exclude})
             dst = tmp / f"{name}.onnx"
-            quantize(src, dst, recipe, lambda: calibration.reader(module), opts, **io)
+            quantize(source, dst, recipe, lambda: calibration.reader(module), opts, **io)
             return dst
 
         full = build("full", ())
@@ -149,17 +168,22 @@ def node_sensitivity(model: LoadedModel, root: Path, module: str, recipe: str = 
         # fp16 keeps tensor names; int8 pre-processes, so its FP32 twin comes from the same quantizer call
         floating = src if recipe == "fp16" else build("float", tuple(nodes))
         activations = _activation_sqnr(full, floating, [by_name[n].output[0] for n in nodes], samples, tmp)
+        units = weight_groups(floating, nodes)
         rows = []
-        for node in progress(nodes, f"sensitivity {module} {recipe}", "node", show_progress):
-            keep = _output_sqnr(build("keep", (node,)), reference, samples)
-            rows.append({"node": node, "op_type": by_name[node].op_type,
-                         "activation_sqnr_db": activations.get(by_name[node].output[0], math.nan),
+        for weight, members in progress(list(units.items()), f"sensitivity {module} {recipe}", "layer", show_progress):
+            keep = _output_sqnr(build("keep", tuple(members)), reference, samples)
+            values = [activations.get(by_name[n].output[0], math.nan) for n in members]
+            finite = [v for v in values if math.isfinite(v)]
+            rows.append({"node": members[0], "op_type": by_name[members[0]].op_type, "nodes": len(members),
+                         "weight": weight, "members": ";".join(members),
+                         "activation_sqnr_db": float(np.mean(finite)) if finite else math.nan,
                          "keep_fp32_sqnr_db": keep, "gain_db": keep - full_sqnr})
     table = pd.DataFrame(rows).sort_values("gain_db", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table.insert(1, "module", module)
     _write(root, module, recipe, table, {"full_sqnr_db": full_sqnr, "samples": len(samples),
-                                         "seconds": round(time.perf_counter() - start, 2), "options": cached.__dict__})
+                                         "seconds": round(time.perf_counter() - start, 2),
+                                         "options": {k: v for k, v in cached.__dict__.items() if k != "calibration_cache"}})
     return table
 
 

@@ -111,10 +111,11 @@ def history_tables(runs, rows, metric: str) -> str:
 
 def sensitivity_table(table, top: int = 20) -> str:
     """The ``top`` most sensitive nodes of a ``quant.sensitivity`` ranking."""
-    rows = [[str(r.rank), r.node, r.op_type, _num(r.activation_sqnr_db, ".1f"), _num(r.keep_fp32_sqnr_db, ".2f"),
-             _num(r.gain_db, "+.3f")] for r in table.head(top).itertuples()]
-    head = f"{len(table)} quantized nodes, ranked by the module-output SQNR gained by keeping each one in FP32"
-    return head + "\n" + _table(["rank", "node", "op", "activation_sqnr_db", "keep_fp32_sqnr_db", "gain_db"], rows)
+    rows = [[str(r.rank), r.node, r.op_type, str(r.nodes), _num(r.activation_sqnr_db, ".1f"),
+             _num(r.keep_fp32_sqnr_db, ".2f"), _num(r.gain_db, "+.3f")] for r in table.head(top).itertuples()]
+    head = (f"{len(table)} quantized layers ({int(table['nodes'].sum())} nodes), ranked by the module-output SQNR "
+            "gained by keeping each one in FP32")
+    return head + "\n" + _table(["rank", "node", "op", "nodes", "activation_sqnr_db", "keep_fp32_sqnr_db", "gain_db"], rows)
 
 
 def search_table(result) -> str:

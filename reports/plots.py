@@ -126,7 +126,9 @@ def sensitivity_bars(table: pd.DataFrame, title: str, top: int = 15) -> str:
     colours = ["#cf222e" if g > 0 else "#8c959f" for g in part["gain_db"]]
     bars = ax.barh(np.arange(len(part)), part["gain_db"], color=colours)
     ax.bar_label(bars, fmt="%+.2f", fontsize=7, padding=2)
-    ax.set_yticks(np.arange(len(part)), [f"{n} ({o})" for n, o in zip(part["node"], part["op_type"])], fontsize=7)
+    counts = part["nodes"] if "nodes" in part else [1] * len(part)
+    labels = [f"{n} ({o}{f' x{c}' if c > 1 else ''})" for n, o, c in zip(part["node"], part["op_type"], counts)]
+    ax.set_yticks(np.arange(len(part)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set(xlabel="module-output SQNR gained by keeping this node in FP32 (dB)", title=f"Sensitivity: {title}")
     return to_svg(fig)
