@@ -236,13 +236,13 @@ class Audit:
 
     def sensitivity(self, modules, recipe: str) -> dict[str, pd.DataFrame]:
         """Per-node sensitivity of ``modules`` to ``recipe`` (``quant.sensitivity``), a stage each."""
-        from quant.sensitivity import node_sensitivity, read_sensitivity
+        from quant.sensitivity import SCHEMA_VERSION, node_sensitivity, read_sensitivity
 
         out = {}
         for module in modules:
             if f"quantize:{recipe}:{module}" not in self.keys:
                 self.quantize([Variant(f"{recipe}@{module}", {module: recipe})], label="quantize")
-            key = stage_key({"stage": "sensitivity", "recipe": recipe, "module": module,
+            key = stage_key({"stage": "sensitivity", "schema": SCHEMA_VERSION, "recipe": recipe, "module": module,
                              "quantize": self.keys[f"quantize:{recipe}:{module}"], "method": self.config.int8_method})
             self._stage(f"sensitivity:{recipe}:{module}", key, lambda m=module: node_sensitivity(
                 self.model, self.work, m, recipe, QuantizeOptions(method=self.config.int8_method),

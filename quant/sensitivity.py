@@ -49,7 +49,7 @@ from quant.quantize import QuantizeOptions, preprocess, quantize
 from quant.variants import onnx_path
 from metrics.tensor import sqnr_db
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ranked per layer (nodes sharing a weight), with a members column
 RECIPES = ("int8", "int8-dynamic", "fp16")  # recipes whose handlers can exclude single nodes
 METHOD = ("keep-one-in-FP32: module-output SQNR against FP32 with only this node excluded, minus the fully "
           "quantized module's; activation SQNR: the node's output in the fully quantized module against FP32")
