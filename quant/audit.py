@@ -38,7 +38,7 @@ from quant.export import ExportOptions
 from quant.export_stage import export_pipeline
 from quant.gates import GateResult, check_gates, check_regression
 from quant.generate import VideoRecord, generate_variant, video_dir
-from quant.io_utils import atomic_write_json, atomic_write_text
+from quant.io_utils import atomic_path, atomic_write_json, atomic_write_text, json_number
 from quant.ledger import Ledger, stage_key
 from quant.models import LoadedModel, load_model
 from quant.modules import present_modules
@@ -48,7 +48,7 @@ from quant.prompts import prompt_id, read_prompts
 from quant.quantize import QuantizeOptions
 from quant.quantize_stage import quantize_pipeline, report_path
 from quant.score_stage import score_folders, table_paths, write_tables
-from quant.variants import Variant, base_recipe, onnx_path
+from quant.variants import Variant, base_recipe, onnx_dir, onnx_path
 
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
@@ -130,6 +130,7 @@ class Audit:
         self.calibration_prompts = load_calibration_prompts(config.calibration_prompts, config.eval_prompts)
         self.variants = [Variant(n, config.variant_modules(n, self.modules)) for n in config.variant_names(self.modules)]
         self.keys: dict[str, str] = {}
+        self.calibration = None  # the CalibrationSet, once `calibrate` ran
         self.keep_fp32: dict[str, tuple[str, ...]] = dict(config.keep_fp32)
         self.extra_gates: dict[str, tuple] = {}  # variant -> gates not in the config (the searched mix)
         self.times: list[StageTime] = []
@@ -164,7 +165,7 @@ class Audit:
             shutil.rmtree(self.work / "calibration", ignore_errors=True)
         start = time.perf_counter()
         cal = calibrate(self.model, spec, self.settings, self.work, show_progress=self.show)
-        self.calibration_manifest = cal.manifest
+        self.calibration = cal
         self.keys["calibrate"] = stage_key({**self.base, "calibration": cal.manifest["key"]})
         self.times.append(StageTime("calibrate", time.perf_counter() - start, cal.reused))
 
@@ -191,7 +192,8 @@ class Audit:
                 cache = str(self.work / "calibration" / f"ranges.{module}.{method}.{self.keys[f'export:{module}']}.json")
             options = QuantizeOptions(method=method or "minmax", nodes_to_exclude=keep, calibration_cache=cache)
             self._stage(f"quantize:{recipe}:{module}", key, lambda r=recipe, m=module, o=options: quantize_pipeline(
-                self.model, self.settings, self.work, r, o, modules=[m], show_progress=False),
+                self.model, self.settings, self.work, r, o, modules=[m], show_progress=False,
+                calibration=self.calibration),
                 [onnx_path(self.work, recipe, module)])
 
     def _generate_key(self, variant: Variant) -> str:
@@ -264,7 +266,7 @@ class Audit:
         """Hard-link the models and videos this run used into its folder (DESIGN.md: onnx/, videos/)."""
         recipes = {r for v in self.variants for r in v.modules.values()} - {"torch"}
         for recipe in sorted(recipes):
-            src = onnx_path(self.work, recipe, self.modules[0]).parent
+            src = onnx_dir(self.work, recipe)
             _link_tree(src, self.run_dir / "onnx" / src.name)
         for variant in ["torch"] + [v.name for v in self.variants]:
             _link_tree(video_dir(self.work, variant), video_dir(self.run_dir, variant))
@@ -308,17 +310,9 @@ def evaluate(audit: Audit, summary: pd.DataFrame, baseline: tuple[str, dict] | N
         kind = "mix" if mix else "attribution" if "@" in variant.name else "full"
         entries.append({"name": variant.name, "kind": kind, "modules": variant.modules,
                         "videos": len(audit.records[variant.name]), "nonfinite": nonfinite,
-                        "metrics": {k: _clean(v) for k, v in row.items() if k != "variant"},
+                        "metrics": {k: json_number(v) for k, v in row.items() if k != "variant"},
                         "passed": all(g.passed for g in gates), "gates": [g.to_dict() for g in gates]})
     return entries, checked
-
-
-def _clean(value):
-    if isinstance(value, float) and value != value:
-        return None
-    if hasattr(value, "item"):
-        return _clean(value.item())
-    return value if not isinstance(value, float) or abs(value) != float("inf") else None
 
 
 def _read_json(path: Path) -> dict:
@@ -329,8 +323,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_scores(run_dir: Path, tables: dict[str, pd.DataFrame]) -> None:
-    from quant.io_utils import atomic_path
-
     for kind, name in (("frames", "frames.csv"), ("videos", "videos.csv"), ("summary", "summary.csv"),
                        ("latents", "latents.csv")):
         if kind in tables:
@@ -368,7 +360,7 @@ def _extras_for_results(extras: dict) -> dict:
     out = {}
     if "sensitivity" in extras:
         out["sensitivity"] = {"recipe": extras["sensitivity"]["recipe"],
-                              "modules": {m: [{k: _clean(v) for k, v in r.items()} for r in t.to_dict("records")]
+                              "modules": {m: [{k: json_number(v) for k, v in r.items()} for r in t.to_dict("records")]
                                           for m, t in extras["sensitivity"]["modules"].items() if t is not None}}
     if "search" in extras:
         out["search"] = extras["search"]

@@ -205,6 +205,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_sensitivity(args) -> int:
+    from quant.io_utils import atomic_write_text
     from quant.models import load_model
     from quant.quantize import QuantizeOptions
     from quant.sensitivity import node_sensitivity, sensitivity_paths
@@ -215,8 +216,6 @@ def cmd_sensitivity(args) -> int:
     table = node_sensitivity(model, args.out, args.module, args.recipe, QuantizeOptions(method=args.method))
     csv_path, json_path = sensitivity_paths(args.out, args.module, args.recipe)
     svg = csv_path.with_name(f"{args.module}.{args.recipe}.svg")
-    from quant.io_utils import atomic_write_text
-
     atomic_write_text(svg, sensitivity_bars(table, f"{args.module} ({args.recipe})"))
     print(sensitivity_table(table, args.top))
     print(f"wrote {csv_path}, {json_path} and {svg}")

@@ -269,19 +269,19 @@ def _parse_mixes(reader: _Reader, keep: dict[str, tuple[str, ...]]) -> dict[str,
     return mixes
 
 
+def _parse_gate_table(table: _Reader) -> tuple[Gate, ...]:
+    """One table of ``metric = "<op> <number>"`` entries."""
+    parsed = []
+    for metric in list(table.table):
+        try:
+            parsed.append(parse_gate(metric, table.table.pop(metric)))
+        except UserError as exc:
+            raise table.error(metric, str(exc)) from None
+    return tuple(parsed)
+
+
 def _parse_gates(reader: _Reader) -> dict[str, tuple[Gate, ...]]:
-    gates = {}
-    for variant in list(reader.table):
-        table = reader.sub(variant)
-        parsed = []
-        for metric in list(table.table):
-            value = table.table.pop(metric)
-            try:
-                parsed.append(parse_gate(metric, value))
-            except UserError as exc:
-                raise table.error(metric, str(exc)) from None
-        gates[variant] = tuple(parsed)
-    return gates
+    return {variant: _parse_gate_table(reader.sub(variant)) for variant in list(reader.table)}
 
 
 def _parse_regression(reader: _Reader) -> dict[str, float]:
@@ -318,7 +318,7 @@ def _parse_search(reader: _Reader) -> SearchSettings:
     inc_compare = reader.take("inc_compare", str, d.inc_compare)
     if inc_compare not in ("", "transformer", "transformer_2"):
         raise reader.error("inc_compare", f"expected a denoiser module (transformer, transformer_2) or \"\", got {inc_compare!r}")
-    gates = _parse_gates(_Reader(reader.source, {"gates": reader.table.pop("gates", {})}, reader.prefix)).get("gates", ())
+    gates = _parse_gate_table(reader.sub("gates"))
     reader.done()
     return SearchSettings(gates, recipe, fallback, objective, name, enabled, modules, inc_compare)
 

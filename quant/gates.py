@@ -20,6 +20,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from quant.errors import UserError
+from quant.io_utils import json_number
 
 # metric -> +1 where higher is better, -1 where lower is better (columns of scores/summary.csv)
 METRIC_DIRECTIONS: dict[str, int] = {
@@ -64,20 +65,12 @@ class GateResult:
     kind: str = "threshold"  # threshold | finite | regression | parity
     reason: str = ""
 
-    @property
-    def name(self) -> str:
-        return f"{self.metric} {self.op} {_num(self.threshold)}"
-
     def to_dict(self) -> dict:
-        return {k: (_json_number(v) if k in ("threshold", "value") else v) for k, v in asdict(self).items()}
+        return {k: (json_number(v) if k in ("threshold", "value") else v) for k, v in asdict(self).items()}
 
 
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.6g}"
-
-
-def _json_number(value):
-    return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
 
 
 def parse_gate(metric: str, value) -> Gate:
@@ -99,7 +92,7 @@ def parse_gate(metric: str, value) -> Gate:
     return Gate(metric, op, threshold)
 
 
-def finite_gate(variant: str, nonfinite: dict[str, int], videos: int) -> GateResult:
+def finite_gate(variant: str, nonfinite: dict[str, int]) -> GateResult:
     """Fails when any module output (or decoded frame) of ``variant`` held NaN/Inf."""
     bad = {m: n for m, n in nonfinite.items() if n}
     reason = ""
@@ -108,9 +101,9 @@ def finite_gate(variant: str, nonfinite: dict[str, int], videos: int) -> GateRes
     return GateResult(variant, "nonfinite_outputs", "==", 0.0, float(sum(bad.values())), not bad, "finite", reason)
 
 
-def check_gates(variant: str, row: dict, gates, nonfinite: dict[str, int], videos: int = 0) -> list[GateResult]:
+def check_gates(variant: str, row: dict, gates, nonfinite: dict[str, int]) -> list[GateResult]:
     """The finite gate plus every threshold gate of ``variant`` on its summary ``row``."""
-    results = [finite_gate(variant, nonfinite, videos)]
+    results = [finite_gate(variant, nonfinite)]
     for gate in gates:
         value = row.get(gate.metric)
         value = None if value is None else float(value)

@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 
 from quant.adapters import torch_module
-from quant.calibration import open_calibration
 from quant.errors import UserError
 from quant.generate import video_dir
 from quant.modules import MODULE_IO
@@ -89,7 +88,7 @@ def inc_autotune(audit, module: str, gates) -> dict:
         raise UserError(f"search: inc_compare takes a denoiser module of this model ({', '.join(m for m in TUNABLE if m in audit.modules)}), got '{module}'")
     export, _, _, _ = _import_inc()
     gate = gates[0]
-    calibration = open_calibration(audit.work, audit.model)
+    calibration = audit.calibration
     names = MODULE_IO[module].inputs
     samples = []
     reader = calibration.reader(module)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -46,6 +47,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def json_number(value):
+    """``value`` as JSON can hold it: numpy scalars as Python numbers, NaN and +-inf as None
+    (``atomic_write_json`` refuses non-finite floats rather than writing invalid JSON)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

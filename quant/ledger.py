@@ -55,7 +55,3 @@ class Ledger:
         self.stages[stage] = {"key": key, "seconds": round(seconds, 3),
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         atomic_write_json(self.path, {"schema_version": SCHEMA_VERSION, "stages": self.stages})
-
-    def forget(self, stage: str) -> None:
-        if self.stages.pop(stage, None) is not None:
-            atomic_write_json(self.path, {"schema_version": SCHEMA_VERSION, "stages": self.stages})

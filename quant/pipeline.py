@@ -28,7 +28,7 @@ from quant.models import LoadedModel
 from quant.modules import MODULE_IO
 from quant.ort_modules import STAND_INS, open_session
 from quant.settings import GenerationSettings
-from quant.variants import RECIPES, Variant, onnx_dir, onnx_path
+from quant.variants import Variant, onnx_dir, onnx_path
 from quant.video_io import to_uint8
 
 MANIFEST = "manifest.json"

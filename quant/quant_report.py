@@ -79,6 +79,11 @@ def precision_census(path: Path) -> dict:
     }
 
 
+def precision_counts(census: dict) -> dict[str, int]:
+    """Compute nodes per precision (``int8``, ``fp16``, ``fp32``) from a ``precision_census``."""
+    return {p: sum(c[p] for c in census["compute_ops"].values()) for p in ("int8", "fp16", "fp32")}
+
+
 def latency_ms(session, inputs: dict[str, np.ndarray], warmup: int = 2, runs: int = 7) -> float:
     """Median ONNX Runtime CPU latency of one call of ``session``, in milliseconds."""
     for _ in range(warmup):

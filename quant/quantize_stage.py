@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from quant.adapters import torch_module
-from quant.calibration import open_calibration
+from quant.calibration import CalibrationSet, open_calibration
 from quant.environment import versions
 from quant.errors import UserError
 from quant.io_utils import atomic_write_json
@@ -39,14 +39,18 @@ def report_path(root: Path, recipe: str) -> Path:
 
 def quantize_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path, recipe: str,
                       options: QuantizeOptions = QuantizeOptions(), modules: list[str] | None = None,
-                      show_progress: bool = True) -> dict:
-    """Quantize every module (or ``modules``) of ``model`` with ``recipe``; returns the report."""
+                      show_progress: bool = True, calibration: CalibrationSet | None = None) -> dict:
+    """Quantize every module (or ``modules``) of ``model`` with ``recipe``; returns the report.
+
+    ``calibration``: the already opened (and verified) cache under ``root``, so callers that
+    quantize module by module do not re-hash every sample each time.
+    """
     check_recipe(recipe)
     if base_recipe(recipe) in ("torch", "onnx"):
         raise UserError(f"recipe '{recipe}' is not a quantization recipe (use fp16, int8, int8-dynamic, inc-int8)")
     root = Path(root)
     check_onnx_folder(root, "onnx", model, settings)
-    calibration = open_calibration(root, model)
+    calibration = calibration or open_calibration(root, model)
     if shape_key(calibration.manifest["settings"]) != shape_key(settings):
         raise UserError(f"{calibration.folder}: calibration was captured at {shape_key(calibration.manifest['settings'])}, "
                         f"not {shape_key(settings)}; rerun `quant-audit calibrate` with these settings")

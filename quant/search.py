@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,10 +36,10 @@ import tomli_w
 from quant.config import SearchSettings
 from quant.errors import CheckFailed, UserError
 from quant.gates import Gate, check_gates
-from quant.io_utils import atomic_path, atomic_write_json, atomic_write_text
+from quant.io_utils import atomic_path, atomic_write_json, atomic_write_text, json_number
 from quant.ledger import stage_key
 from quant.ort_modules import open_session
-from quant.quant_report import latency_ms, precision_census
+from quant.quant_report import latency_ms, precision_census, precision_counts
 from quant.variants import Variant, base_recipe, keep_recipe, onnx_path
 
 SCHEMA_VERSION = 1
@@ -101,26 +100,27 @@ class Search:
         if missing:
             raise UserError(f"{audit.config.source}: search.modules: this model has no {', '.join(missing)}")
         self.searched = [m for m in self.modules if m in settings.modules] if settings.modules else list(self.modules)
-        self.total_nodes = sum(self._census("onnx", m)["total"] for m in self.modules)
         self._latency: dict[tuple[str, str], float] = {}
+        self._counts: dict[tuple[str, str], dict] = {}
+        self.total_nodes = sum(self._census("onnx", m)["total"] for m in self.modules)
         self.evaluated: dict[int, Candidate] = {}
         self.inc: dict | None = None
 
     def _census(self, recipe: str, module: str) -> dict:
-        census = precision_census(onnx_path(self.audit.work, recipe, module))
-        counts = {p: sum(c[p] for c in census["compute_ops"].values()) for p in ("int8", "fp16", "fp32")}
-        return {**counts, "total": sum(counts.values())}
+        """Compute nodes by precision of one model file (files are keyed by content: cached)."""
+        if (recipe, module) not in self._counts:
+            counts = precision_counts(precision_census(onnx_path(self.audit.work, recipe, module)))
+            self._counts[(recipe, module)] = {**counts, "total": sum(counts.values())}
+        return self._counts[(recipe, module)]
 
     def _calls_per_video(self, module: str) -> float:
-        cal = self.audit.calibration_manifest
+        cal = self.audit.calibration.manifest
         generations = len(cal["spec"]["prompts"]) * len(cal["spec"]["seeds"])
         return cal["modules"][module]["calls"] / generations
 
     def _module_latency(self, recipe: str, module: str) -> float:
         if (recipe, module) not in self._latency:
-            from quant.calibration import open_calibration
-
-            sample = open_calibration(self.audit.work, self.audit.model).reader(module).get_next()
+            sample = self.audit.calibration.reader(module).get_next()
             session = open_session(onnx_path(self.audit.work, recipe, module))
             self._latency[(recipe, module)] = latency_ms(session, sample) * self._calls_per_video(module)
         return self._latency[(recipe, module)]
@@ -146,7 +146,7 @@ class Search:
         gates = check_gates(variant.name, row, self.gates, nonfinite)
         int8 = sum(self._census(r, m)["int8"] for m, r in modules.items())
         candidate = Candidate(index, modules, {m: list(n) for m, n in keep.items() if n},
-                              {k: _clean(v) for k, v in row.items() if k != "variant"},
+                              {k: json_number(v) for k, v in row.items() if k != "variant"},
                               all(g.passed for g in gates), [f"{g.metric} {g.op} {g.threshold:g}" for g in gates if not g.passed],
                               int8 / self.total_nodes if self.total_nodes else 0.0, int8,
                               sum(self._module_latency(r, m) for m, r in modules.items()), variant.name)
@@ -164,8 +164,10 @@ class Search:
         summary = self.audit.score(variants, label="search: score")["summary"].set_index("variant")
         return {m: float(summary.loc[f"{recipe}@{m}", self.metric]) for m in self.searched}
 
-    def sensitivity(self) -> dict[str, pd.DataFrame]:
-        return self.audit.sensitivity(self.searched, self.settings.recipe)
+    def references(self) -> dict[str, Candidate]:
+        """All-``recipe`` and all-``fp16``, verified like the candidates, for the curve and the note."""
+        return {name: self.verify(-1, {m: name for m in self.modules}, {}, label=name)
+                for name in dict.fromkeys((self.settings.recipe, "fp16"))}
 
     def moves(self, attribution: dict[str, float], ranking: dict[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
         higher_is_better = self.gates[0].op in (">=", ">")
@@ -190,12 +192,6 @@ class Search:
         modules = {m: (self.settings.fallback if m in fallback else keep_recipe(self.settings.recipe, keep[m]))
                    for m in self.modules}
         return modules, {m: tuple(sorted(keep[m])) for m in self.modules if m not in fallback and keep[m]}
-
-
-def _clean(value):
-    if hasattr(value, "item"):
-        value = value.item()
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _bisect(search: Search, moves: list) -> Candidate:
@@ -233,7 +229,7 @@ def compare_with_inc(search: Search, chosen: Candidate, module: str) -> dict:
     search.audit.generate([variant], label="search: inc comparison")
     row = search.audit.score([variant], label="search: score")["summary"].iloc[0]
     census = search._census(recipe, module) if recipe not in ("torch",) else {"int8": 0, "total": 0}
-    ours = {"recipe": base_recipe(recipe), "keep_fp32": chosen.keep.get(module, []), "value": _clean(row[search.metric]),
+    ours = {"recipe": base_recipe(recipe), "keep_fp32": chosen.keep.get(module, []), "value": json_number(row[search.metric]),
             "int8_nodes": census["int8"], "compute_nodes": census["total"]}
     return {"module": module, "ours": ours, "inc": inc_autotune(search.audit, module, search.gates)}
 
@@ -256,15 +252,14 @@ def run_search(audit, settings: SearchSettings) -> SearchResult:
     search = Search(audit, settings)
     start = time.perf_counter()
     attribution = search.attribution()
-    ranking = search.sensitivity()
+    ranking = audit.sensitivity(search.searched, settings.recipe)
     moves = search.moves(attribution, ranking)
-    references = {}
     try:
         chosen = _bisect(search, moves)
-    finally:
-        for name, recipe in ((settings.recipe, settings.recipe), ("fp16", "fp16")):
-            references[name] = search.verify(-1, {m: recipe for m in search.modules}, {}, label=name)
-        _write(search, moves, attribution, references, time.perf_counter() - start)
+    except SearchFailed:  # keep what was verified, for the report and the user
+        _write(search, moves, attribution, search.references(), time.perf_counter() - start)
+        raise
+    references = search.references()
     if settings.objective == "latency":
         chosen = min((c for c in search.evaluated.values() if c.passed), key=lambda c: c.latency_ms)
     if settings.inc_compare:

@@ -39,7 +39,7 @@ from quant.calibration import open_calibration
 from quant.environment import versions
 from quant.errors import UserError
 from quant.export import save_model
-from quant.io_utils import atomic_path, atomic_write_json
+from quant.io_utils import atomic_path, atomic_write_json, json_number
 from quant.models import LoadedModel
 from quant.modules import MODULE_IO
 from quant.ort_modules import open_session, run_session
@@ -191,12 +191,11 @@ def _write(root: Path, module: str, recipe: str, table: pd.DataFrame, extra: dic
     csv_path, json_path = sensitivity_paths(root, module, recipe)
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
-    clean = lambda v: v if not isinstance(v, float) or math.isfinite(v) else None  # noqa: E731
     atomic_write_json(json_path, {"schema_version": SCHEMA_VERSION, "module": module, "recipe": recipe,
                                   "method": METHOD, "nodes": len(table), "versions": versions(),
-                                  **{k: clean(v) if not isinstance(v, dict) else
-                                     {a: clean(b) for a, b in v.items()} for k, v in extra.items()},
-                                  "ranking": [{k: clean(v) for k, v in r.items()} for r in table.to_dict("records")]})
+                                  **{k: json_number(v) if not isinstance(v, dict) else
+                                     {a: json_number(b) for a, b in v.items()} for k, v in extra.items()},
+                                  "ranking": [{k: json_number(v) for k, v in r.items()} for r in table.to_dict("records")]})
 
 
 def read_sensitivity(root: Path, module: str, recipe: str) -> pd.DataFrame | None:

@@ -63,10 +63,11 @@ def score_table(videos) -> str:
 
 def quantization_table(report: dict) -> str:
     """Per module: compute ops by precision, FP32-kept nodes, size, latency and SQNR against FP32."""
+    from quant.quant_report import precision_counts
+
     rows = []
     for module, m in report["modules"].items():
-        ops = m["census"]["compute_ops"]
-        counts = {p: sum(c[p] for c in ops.values()) for p in ("int8", "fp16", "fp32")}
+        counts = precision_counts(m["census"])
         rows.append([
             module, str(counts["int8"]), str(counts["fp16"]), str(counts["fp32"]), str(len(m["kept_fp32"])),
             f"{m['size_bytes'] / 1e6:.2f}/{m['fp32_size_bytes'] / 1e6:.2f}",

@@ -27,6 +27,7 @@ from PIL import Image
 
 from quant.errors import UserError
 from quant.io_utils import atomic_write_text
+from quant.quant_report import precision_counts
 from reports import plots
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -104,8 +105,7 @@ def _quantization(run_dir: Path) -> list[dict]:
     for path in sorted((run_dir / "quantization").glob("*.json")):
         report = json.loads(path.read_text(encoding="utf-8"))
         for module, m in report.get("modules", {}).items():
-            ops = m["census"]["compute_ops"]
-            counts = {p: sum(c[p] for c in ops.values()) for p in ("int8", "fp16", "fp32")}
+            counts = precision_counts(m["census"])
             rows.append({"recipe": report["recipe"], "module": module, **counts, "size": m.get("size_bytes"),
                          "fp32_size": m.get("fp32_size_bytes"), "latency": m.get("latency_ms"),
                          "fp32_latency": m.get("fp32_latency_ms"), "sqnr_min": m.get("sqnr_min_db"),
