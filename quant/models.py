@@ -201,7 +201,27 @@ def _load_folder(folder: Path):
         raise UserError(f"{folder}: cannot load WanPipeline checkpoint: {first_line(exc)}") from None
     if hasattr(pipe.text_encoder, "set_attn_implementation"):
         pipe.text_encoder.set_attn_implementation("eager")  # exportable; see _text_encoder
+    _own_aligned_memory(pipe)
     return pipe
+
+
+def _own_aligned_memory(pipe) -> None:
+    """Copy every weight into memory of its own.
+
+    diffusers leaves loaded weights as views into the safetensors file's memory map, at offsets
+    that are not 64-byte aligned (seen: 24, 56, 28, 60), where a model built in code gets torch's
+    64-byte-aligned allocations. BLAS kernels may take alignment-dependent paths (Intel MKL
+    documents that results can depend on alignment), which made a saved-and-reloaded pipeline
+    differ from the built-in one by one level in a few pixels on an AVX-512 machine. A copy
+    gives both the same allocator, so the same weights compute the same numbers.
+    """
+    for name in ("text_encoder", "transformer", "transformer_2", "vae"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
 
 
 def load_model(name_or_path: str) -> LoadedModel:

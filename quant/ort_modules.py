@@ -24,6 +24,7 @@ import onnxruntime as ort
 import torch
 
 from quant.errors import UserError, first_line
+from quant.target import ort_threads
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -31,8 +32,14 @@ _ORT_TO_NUMPY = {
 }
 
 
-def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+def open_session(path: Path, threads: int | None = None, optimize: bool = True) -> ort.InferenceSession:
     """An ``InferenceSession`` on the CPU for ``path``.
+
+    Args:
+        threads: intra-op threads (default: ``quant.target.ort_threads()``, the recorded count).
+        optimize: ``False`` disables every graph optimization, so a QDQ graph runs as the float
+            math of its QuantizeLinear/DequantizeLinear nodes instead of fused integer kernels
+            (the reference of ``kernel_sqnr_db``, and how emulated graphs run).
 
     Raises:
         UserError: the file is missing, truncated or not an ONNX model ORT can load.
@@ -42,8 +49,9 @@ def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession
         raise UserError(f"{path}: ONNX model not found")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or ort_threads()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises several types for a bad file
