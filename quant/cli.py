@@ -178,7 +178,8 @@ def cmd_quantize(args) -> int:
     settings = _settings(args)
     options = QuantizeOptions(method=args.method, per_channel=not args.per_tensor,
                               op_types=tuple(args.op_type) if args.op_type else None,
-                              nodes_to_exclude=tuple(args.exclude or ()), fp16_guard=not args.no_fp16_guard)
+                              nodes_to_exclude=tuple(args.exclude or ()), fp16_guard=not args.no_fp16_guard,
+                              reduce_range=args.reduce_range, activation_type=args.activation_type)
     model = load_model(args.model)
     report = quantize_pipeline(model, settings, args.out, args.recipe, options, modules=args.module)
     print(quantization_table(report))
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", help="node name to keep in FP32 (repeatable)")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
     p.add_argument("--no-fp16-guard", action="store_true", help="convert every node to FP16, even where it overflows")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="int8/int8-dynamic: 7-bit weights (no u8s8 pair saturation on CPUs without VNNI)")
+    p.add_argument("--activation-type", default="int8", choices=["int8", "uint8"], help="int8: activation type (default int8)")
 
     from quant.gates import METRIC_DIRECTIONS
 

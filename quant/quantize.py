@@ -28,7 +28,7 @@ Example::
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +43,7 @@ from quant.quiet import quiet
 FP16_MAX = 65504.0
 EXTERNAL_DATA_BYTES = 2 * 1024**3
 METHODS = ("minmax", "entropy", "percentile")
+ACTIVATION_TYPES = ("int8", "uint8")
 DEFAULT_STATIC_OPS = ("MatMul", "Conv", "Gemm")
 DEFAULT_DYNAMIC_OPS = ("MatMul", "Gemm")
 
@@ -64,6 +65,11 @@ class QuantizeOptions:
             model (sensitivity, search) calibrate once.
         preprocessed: ``int8``: the source is already ``quant_pre_process``'s output
             (``preprocess``), so repeated quantizations of one model pre-process once.
+        reduce_range: ``int8``/``int8-dynamic``: 7-bit weights. The remedy for x86 CPUs without
+            VNNI, whose u8 x s8 kernels saturate pair sums at int16: 255 * 2 * 63 fits, so no
+            pair can saturate (``quant.emulate``), at some cost in weight precision.
+        activation_type: ``int8``: activations ``int8`` (S8S8, ONNX Runtime's default for QDQ)
+            or ``uint8`` (U8S8). ``int8-dynamic`` always quantizes activations to uint8.
     """
 
     method: str = "minmax"
@@ -73,10 +79,18 @@ class QuantizeOptions:
     fp16_guard: bool = True
     calibration_cache: str | None = None
     preprocessed: bool = False
+    reduce_range: bool = False
+    activation_type: str = "int8"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown calibration method '{self.method}' (methods: {', '.join(METHODS)})")
+        if self.activation_type not in ACTIVATION_TYPES:
+            raise UserError(f"unknown activation type '{self.activation_type}' (types: {', '.join(ACTIVATION_TYPES)})")
+
+    def record(self) -> dict:
+        """What the quantization report records (no cache paths: they say nothing about numbers)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("calibration_cache", "preprocessed")}
 
 
 @dataclass(frozen=True)
@@ -337,7 +351,8 @@ def _int8_static(job: QuantizeJob) -> QuantizeResult:
         save_atomically(lambda out: quantize_static(
             str(pre), str(out), calibration(), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(options.op_types or DEFAULT_STATIC_OPS), per_channel=options.per_channel,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8 if options.activation_type == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8, reduce_range=options.reduce_range,
             nodes_to_exclude=list(options.nodes_to_exclude) or None, use_external_data_format=_large(pre),
             calibrate_method=getattr(CalibrationMethod, _METHOD[options.method]),
             calibration_cache_path=options.calibration_cache,
@@ -357,7 +372,7 @@ def _int8_dynamic(job: QuantizeJob) -> QuantizeResult:
         cleaned = _cleaned_copy(src, Path(tmp))
         save_atomically(lambda out: quantize_dynamic(
             str(cleaned), str(out), op_types_to_quantize=list(options.op_types or DEFAULT_DYNAMIC_OPS),
-            per_channel=options.per_channel, weight_type=QuantType.QInt8,
+            per_channel=options.per_channel, weight_type=QuantType.QInt8, reduce_range=options.reduce_range,
             nodes_to_exclude=list(options.nodes_to_exclude) or None, use_external_data_format=_large(cleaned)), dst)
     result.kept_fp32 = {n: "excluded by configuration" for n in options.nodes_to_exclude}
     return result

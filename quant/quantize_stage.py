@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from quant.adapters import torch_module
@@ -28,9 +27,10 @@ from quant.progress import progress
 from quant.quant_report import module_report
 from quant.quantize import QuantizeOptions, quantize
 from quant.settings import GenerationSettings
+from quant.target import current_target
 from quant.variants import base_recipe, check_recipe, onnx_path
 
-SCHEMA_VERSION = 2  # 2: the report records the frame shape, and keeps other modules' entries
+SCHEMA_VERSION = 3  # 3: kernel_sqnr_db, the target and options per module; 2: frame shape, other modules kept
 
 
 def report_path(root: Path, recipe: str) -> Path:
@@ -63,11 +63,12 @@ def quantize_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pa
                           torch_module=lambda m=module: torch_module(model.pipe, m),
                           input_names=MODULE_IO[module].inputs, output_names=MODULE_IO[module].outputs)
         sample = calibration.reader(module, "holdout").get_next() or calibration.reader(module).get_next()
-        entries[module] = module_report(src, dst, result.kept_fp32, result.notes, calibration.reader(module, "holdout"), sample)
+        entries[module] = module_report(src, dst, result.kept_fp32, result.notes, calibration.reader(module, "holdout"),
+                                        sample, recipe=recipe, options=options.record())
     write_onnx_manifest(root, recipe, model, settings, {m: onnx_path(root, recipe, m) for m in entries})
     path = report_path(root, recipe)
     report = {"schema_version": SCHEMA_VERSION, "recipe": recipe, "model": model.identity(), "shape": shape_key(settings),
-              "options": asdict(options),
+              "options": options.record(), "target": current_target().to_dict(),
               "calibration": {"key": calibration.manifest["key"], "spec": calibration.manifest["spec"]},
               "versions": versions(), "modules": {**previous_modules(path, model, settings, SCHEMA_VERSION), **entries}}
     atomic_write_json(path, report)

@@ -73,9 +73,26 @@ def quantization_table(report: dict) -> str:
             f"{m['size_bytes'] / 1e6:.2f}/{m['fp32_size_bytes'] / 1e6:.2f}",
             f"{m['latency_ms']:.1f}/{m['fp32_latency_ms']:.1f}",
             "identical" if m["identical_to_fp32"] else ("NaN/Inf" if m["nonfinite_output"] else _num(m["sqnr_min_db"], ".1f")),
+            "identical" if m.get("kernel_identical") else _num(m.get("kernel_sqnr_db"), ".1f"),
         ])
     head = f"quantization '{report['recipe']}' of {report['model']['name']} (compute ops = MatMul/Conv/Gemm)"
-    return head + "\n" + _table(["module", "int8", "fp16", "fp32", "kept_fp32", "MB (q/fp32)", "ms (q/fp32)", "SQNR_min_dB"], rows)
+    if report.get("target"):
+        head += f", target {report['target']['id']}"
+    table = _table(["module", "int8", "fp16", "fp32", "kept_fp32", "MB (q/fp32)", "ms (q/fp32)", "SQNR_min_dB",
+                    "kernel_SQNR_dB"], rows)
+    return "\n".join([head, table, *kernel_warnings(report)])
+
+
+def kernel_warnings(report: dict) -> list[str]:
+    """One line per module whose kernel SQNR says something (``quant_report.kernel_finding``)."""
+    lines = []
+    for module, m in report["modules"].items():
+        finding = m.get("kernel") or {}
+        if finding.get("status") == "lossy-kernels":
+            lines.append(f"WARNING {report['recipe']} {module}: {finding['message']}")
+        elif finding.get("status") == "float-math":
+            lines.append(f"note: {report['recipe']} {module} {finding['message']}")
+    return lines
 
 
 def verdict_lines(results: dict) -> str:
@@ -88,7 +105,15 @@ def verdict_lines(results: dict) -> str:
                      _num(m.get("ssim_mean"), ".4f"), _num(m.get("ssim_min"), ".4f"),
                      "pass" if v["passed"] else f"FAIL ({', '.join(g['metric'] for g in failed)})"])
     head = f"run {results['run_id']}: {results['model']['name']} ({results['model']['fingerprint'][:12]})"
-    return head + "\n" + _table(["variant", "psnr_mean", "psnr_min", "ssim_mean", "ssim_min", "gates"], rows)
+    target = results.get("target")
+    if target:
+        head += f"\ntarget {target['id']}: {target['cpu']}, int8 path {target['int8_path']}, {target['threads']} threads"
+    notes = sorted({f"note: {g['variant']}: {g['metric']} {g['op']} {g['threshold']:g}: {g['note']}"
+                    for v in results["variants"] for g in v["gates"] if g.get("note")})
+    findings = [f"{'WARNING' if f['status'] == 'lossy-kernels' else 'note'}: {f['recipe']} {f['module']}: {f['message']}"
+                for f in results.get("kernel_findings", []) if f["status"] in ("lossy-kernels", "float-math")]
+    table = _table(["variant", "psnr_mean", "psnr_min", "ssim_mean", "ssim_min", "gates"], rows)
+    return "\n".join([head, table, *findings, *notes])
 
 
 def history_tables(runs, rows, metric: str) -> str:

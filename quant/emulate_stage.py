@@ -1,0 +1,64 @@
+"""The emulate stage: a quantized module's graph rewritten for another target's int8 kernels.
+
+``onnx/<recipe>/<module>.onnx`` -> ``onnx/<recipe>~<target>/<module>.onnx`` (``quant.emulate``),
+with a manifest so ``generate --variant <recipe>~<target>`` runs it, and
+``quantization/<recipe>~<target>.json``: per module, the rewritten nodes, the weight pairs that
+can saturate, the nodes left unemulated and why, and on the held-back calibration samples the
+emulated graph's SQNR against FP32 and against its own float math (the kernel SQNR that target
+would show).
+
+Example::
+
+    report = emulate_pipeline(model, settings, Path("runs/r1"), "int8~avx2", calibration=cal)
+    report["modules"]["vae_decoder"]["kernel_sqnr_db"]
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from quant.calibration import CalibrationSet
+from quant.emulate import emulate_model
+from quant.io_utils import atomic_write_json
+from quant.models import LoadedModel
+from quant.ort_modules import open_session
+from quant.pipeline import check_onnx_folder, previous_modules, shape_key, write_onnx_manifest
+from quant.quant_report import holdout_errors
+from quant.quantize_stage import report_path
+from quant.settings import GenerationSettings
+from quant.target import INT8_PATHS, current_target
+from quant.variants import onnx_path, split_target
+
+SCHEMA_VERSION = 1
+
+
+def _finite_min(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return min(finite) if finite else None
+
+
+def emulate_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path, recipe: str,
+                     modules: list[str], calibration: CalibrationSet) -> dict:
+    """Emulate ``recipe`` (``<quantized recipe>~<target>``) for ``modules``; returns the report."""
+    source, target = split_target(recipe)
+    check_onnx_folder(root, source, model, settings)
+    entries = {}
+    for module in modules:
+        src, dst = onnx_path(root, source, module), onnx_path(root, recipe, module)
+        result = emulate_model(src, dst, target)
+        reference = open_session(onnx_path(root, "onnx", module))
+        float_math = open_session(src, optimize=False)
+        emulated = open_session(dst, optimize=False)
+        quantization, kernel, _ = holdout_errors(reference, emulated, float_math, calibration.reader(module, "holdout"))
+        entries[module] = {"nodes": result.nodes, "saturable_pairs": result.pairs, "not_emulated": result.skipped,
+                           "sqnr_min_db": _finite_min(quantization), "kernel_sqnr_db": _finite_min(kernel),
+                           "kernel_identical": bool(kernel) and all(v == math.inf for v in kernel)}
+    write_onnx_manifest(root, recipe, model, settings, {m: onnx_path(root, recipe, m) for m in entries})
+    path = report_path(root, recipe)
+    report = {"schema_version": SCHEMA_VERSION, "recipe": recipe, "source_recipe": source, "emulates": target,
+              "emulates_description": INT8_PATHS[target], "model": model.identity(), "shape": shape_key(settings),
+              "target": current_target().to_dict(),
+              "modules": {**previous_modules(path, model, settings, SCHEMA_VERSION), **entries}}
+    atomic_write_json(path, report)
+    return report
