@@ -36,7 +36,7 @@ from quant.environment import versions
 from quant.errors import UserError
 from quant.export import ExportOptions
 from quant.export_stage import export_pipeline
-from quant.gates import GateResult, check_gates, check_regression
+from quant.gates import Baseline, GateResult, check_gates, check_regression, mark_noise_floor
 from quant.generate import VideoRecord, generate_variant, video_dir
 from quant.io_utils import atomic_path, atomic_write_json, atomic_write_text, json_number
 from quant.ledger import Ledger, stage_key
@@ -48,10 +48,12 @@ from quant.prompts import prompt_id, read_prompts
 from quant.quantize import QuantizeOptions
 from quant.quantize_stage import quantize_pipeline, report_path
 from quant.score_stage import score_folders, table_paths, write_tables
-from quant.variants import Variant, base_recipe, onnx_dir, onnx_path
+from quant.target import Target, current_target, set_threads
+from quant.variants import FLOOR, Variant, base_recipe, onnx_dir, onnx_path, split_target
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: target block, floor, emulated variants, kernel findings
 RUN_FILE = "run.json"
+EMULATION_VERSION = 1  # bump when quant.emulate's rewrite changes: emulated models are redone
 
 
 @dataclass
@@ -118,7 +120,7 @@ class Audit:
     """One run: the stages in order, each a small method; ``run_audit`` drives it."""
 
     def __init__(self, config: AuditConfig, model: LoadedModel, out: Path, run_id: str, show_progress: bool,
-                 fresh: bool = False):
+                 fresh: bool = False, target: Target | None = None):
         self.config, self.model, self.out, self.run_id = config, model, out, run_id
         self.run_dir = out / run_id
         self.work = work_dir(out, model.fingerprint)
@@ -128,14 +130,18 @@ class Audit:
         self.modules = present_modules(model.pipe)
         self.prompts = read_prompts(config.eval_prompts)
         self.calibration_prompts = load_calibration_prompts(config.calibration_prompts, config.eval_prompts)
-        self.variants = [Variant(n, config.variant_modules(n, self.modules)) for n in config.variant_names(self.modules)]
+        self.variants = [config.variant(n, self.modules) for n in config.variant_names(self.modules)]
         self.keys: dict[str, str] = {}
         self.calibration = None  # the CalibrationSet, once `calibrate` ran
         self.keep_fp32: dict[str, tuple[str, ...]] = dict(config.keep_fp32)
         self.extra_gates: dict[str, tuple] = {}  # variant -> gates not in the config (the searched mix)
         self.times: list[StageTime] = []
         self.records: dict[str, list[VideoRecord]] = {}
-        self.base = {"model": model.fingerprint, "shape": shape_key(self.settings), "versions": versions()}
+        # Every stage's numbers depend on the target (ORT kernels, float SIMD paths, threads), so
+        # its id is in every key: one --out shared by two machines never mixes their numbers.
+        self.target = target or current_target()
+        self.base = {"model": model.fingerprint, "shape": shape_key(self.settings), "versions": versions(),
+                     "target": self.target.id}
 
     # each stage: reuse when the ledger has its key, else do it and record it
     def _stage(self, name: str, key: str, work, outputs: list[Path] = ()) -> None:
@@ -174,30 +180,54 @@ class Audit:
             return self.model.fingerprint
         if recipe == "onnx":
             return self.keys[f"export:{module}"]
+        if split_target(recipe)[1] is not None:
+            return self.keys[f"emulate:{recipe}:{module}"]
         return self.keys[f"quantize:{recipe}:{module}"]
 
+    def quantize_options(self, recipe: str, keep: tuple[str, ...] = (), cache: str | None = None) -> QuantizeOptions:
+        """The options ``recipe`` quantizes with under this config (method, reduce_range, activation type)."""
+        base = base_recipe(recipe)
+        method = self.config.int8_method if base in ("int8", "inc-int8") else "minmax"
+        return QuantizeOptions(method=method, nodes_to_exclude=keep, calibration_cache=cache,
+                               reduce_range=self.config.int8_reduce_range and base in ("int8", "int8-dynamic"),
+                               activation_type=self.config.int8_activation_type if base == "int8" else "int8")
+
     def quantize(self, variants: list[Variant] | None = None, label: str = "quantize") -> None:
-        """Quantize every (recipe, module) the variants use; ``<recipe>+keep-<tag>`` keeps its nodes FP32."""
+        """Quantize every (recipe, module) the variants use; ``<recipe>+keep-<tag>`` keeps its nodes FP32,
+        ``<recipe>~<target>`` is then emulated from ``<recipe>``'s models."""
         variants = self.variants if variants is None else variants
-        jobs = list(dict.fromkeys((r, m) for v in variants for m, r in v.modules.items() if r not in ("torch", "onnx")))
+        used = list(dict.fromkeys((r, m) for v in variants for m, r in v.modules.items() if r not in ("torch", "onnx")))
+        jobs = list(dict.fromkeys((split_target(r)[0], m) for r, m in used))
         for recipe, module in progress(jobs, label, "model", self.show):
-            base = base_recipe(recipe)
-            method = self.config.int8_method if base in ("int8", "inc-int8") else None
             keep = self.keep_fp32.get(recipe, ())
-            key = stage_key({**self.base, "stage": "quantize", "recipe": base, "keep_fp32": list(keep),
-                             "module": module, "method": method,
-                             "export": self.keys[f"export:{module}"], "calibration": self.keys["calibrate"]})
             cache = None
-            if keep and base == "int8":  # mixes of one module share one calibration (onnxruntime's range cache)
-                cache = str(self.work / "calibration" / f"ranges.{module}.{method}.{self.keys[f'export:{module}']}.json")
-            options = QuantizeOptions(method=method or "minmax", nodes_to_exclude=keep, calibration_cache=cache)
+            if keep and base_recipe(recipe) == "int8":  # mixes of one module share one calibration (range cache)
+                cache = str(self.work / "calibration" / f"ranges.{module}.{self.config.int8_method}."
+                            f"{self.keys[f'export:{module}']}.json")
+            options = self.quantize_options(recipe, keep, cache)
+            key = stage_key({**self.base, "stage": "quantize", "recipe": base_recipe(recipe), "module": module,
+                             "options": options.record(), "export": self.keys[f"export:{module}"],
+                             "calibration": self.keys["calibrate"]})
             self._stage(f"quantize:{recipe}:{module}", key, lambda r=recipe, m=module, o=options: quantize_pipeline(
                 self.model, self.settings, self.work, r, o, modules=[m], show_progress=False,
                 calibration=self.calibration),
                 [onnx_path(self.work, recipe, module)])
+        self.emulate([(r, m) for r, m in used if split_target(r)[1] is not None])
+
+    def emulate(self, jobs: list[tuple[str, str]]) -> None:
+        """``<recipe>~<target>`` models rewritten from ``<recipe>``'s (``quant.emulate_stage``)."""
+        from quant.emulate_stage import emulate_pipeline
+
+        for recipe, module in progress(jobs, "emulate", "model", self.show and bool(jobs)):
+            source = split_target(recipe)[0]
+            key = stage_key({**self.base, "stage": "emulate", "recipe": recipe, "module": module,
+                             "quantize": self.keys[f"quantize:{source}:{module}"], "code": EMULATION_VERSION})
+            self._stage(f"emulate:{recipe}:{module}", key, lambda r=recipe, m=module: emulate_pipeline(
+                self.model, self.settings, self.work, r, [m], self.calibration), [onnx_path(self.work, recipe, module)])
 
     def _generate_key(self, variant: Variant) -> str:
-        return stage_key({**self.base, "stage": "generate", "settings": self.settings.to_dict(),
+        return stage_key({**self.base, "stage": "generate", "noise_ulps": variant.noise_ulps,
+                          "settings": self.settings.to_dict(),
                           "prompts": self.prompts, "seeds": list(self.config.seeds),
                           "latents": self.config.save_latents, "fps": self.config.fps,
                           "modules": {m: [r, self._model_key(r, m)] for m, r in variant.modules.items()}})
@@ -245,9 +275,10 @@ class Audit:
             if f"quantize:{recipe}:{module}" not in self.keys:
                 self.quantize([Variant(f"{recipe}@{module}", {module: recipe})], label="quantize")
             key = stage_key({"stage": "sensitivity", "schema": SCHEMA_VERSION, "recipe": recipe, "module": module,
-                             "quantize": self.keys[f"quantize:{recipe}:{module}"], "method": self.config.int8_method})
+                             "quantize": self.keys[f"quantize:{recipe}:{module}"],
+                             "options": self.quantize_options(recipe).record(), "target": self.target.id})
             self._stage(f"sensitivity:{recipe}:{module}", key, lambda m=module: node_sensitivity(
-                self.model, self.work, m, recipe, QuantizeOptions(method=self.config.int8_method),
+                self.model, self.work, m, recipe, self.quantize_options(recipe),
                 show_progress=self.show))
             out[module] = read_sensitivity(self.work, module, recipe)
         return out
@@ -265,12 +296,14 @@ class Audit:
     def link_files(self) -> None:
         """Hard-link the models and videos this run used into its folder (DESIGN.md: onnx/, videos/)."""
         recipes = {r for v in self.variants for r in v.modules.values()} - {"torch"}
-        for recipe in sorted(recipes):
+        for recipe in sorted(recipes | {split_target(r)[0] for r in recipes}):
             src = onnx_dir(self.work, recipe)
             _link_tree(src, self.run_dir / "onnx" / src.name)
         for variant in ["torch"] + [v.name for v in self.variants]:
             _link_tree(video_dir(self.work, variant), video_dir(self.run_dir, variant))
-        for name in ["parity.json"] + [f"quantization/{r}.json" for r in sorted(recipes - {"onnx"})]:
+        quantized = recipes - {"onnx"}
+        reports = sorted({f"quantization/{r}.json" for r in quantized | {split_target(r)[0] for r in quantized}})
+        for name in ["parity.json"] + reports:
             if (self.work / name).is_file():
                 _link_file(self.work / name, self.run_dir / name)
 
@@ -294,21 +327,34 @@ def _parity_gates(parity: dict) -> list[GateResult]:
     return out
 
 
-def evaluate(audit: Audit, summary: pd.DataFrame, baseline: tuple[str, dict] | None) -> tuple[list[dict], list[GateResult]]:
-    """Per-variant entries for ``results.json`` and every gate checked (parity, finite, thresholds, regression)."""
+def _kind(audit: Audit, name: str) -> str:
+    plain, target = split_target(name)
+    if name == FLOOR:
+        return "floor"
+    if plain in audit.config.mixes or plain in audit.extra_gates:
+        return "mix"
+    return "attribution" if "@" in plain else "full"
+
+
+def evaluate(audit: Audit, summary: pd.DataFrame, baseline: Baseline | None) -> tuple[list[dict], list[GateResult]]:
+    """Per-variant entries for ``results.json`` and every gate checked (parity, finite, thresholds,
+    regression); threshold gates tighter than the ``floor`` variant's own score are marked."""
     rows = {r["variant"]: r for r in summary.to_dict("records")}
+    floor = rows.get(FLOOR)
     entries, checked = [], []
     for variant in audit.variants:
         row = rows.get(variant.name, {})
         nonfinite = audit.nonfinite(variant.name)
         own = audit.config.gates_for(variant.name) or audit.extra_gates.get(variant.name, ())
-        gates = check_gates(variant.name, row, own, nonfinite)
-        if baseline is not None and variant.name in baseline[1] and audit.config.regression:
-            gates += check_regression(variant.name, row, baseline[1][variant.name], audit.config.regression, baseline[0])
+        gates = mark_noise_floor(check_gates(variant.name, row, own, nonfinite), floor)
+        if baseline is not None and variant.name in baseline.metrics and audit.config.regression:
+            gates += check_regression(variant.name, row, baseline.metrics[variant.name], audit.config.regression,
+                                      baseline.run_id, baseline.note(audit.target.id))
         checked += gates
-        mix = variant.name in audit.config.mixes or variant.name in audit.extra_gates
-        kind = "mix" if mix else "attribution" if "@" in variant.name else "full"
-        entries.append({"name": variant.name, "kind": kind, "modules": variant.modules,
+        emulates = split_target(variant.name)[1]
+        entries.append({"name": variant.name, "kind": _kind(audit, variant.name), "modules": variant.modules,
+                        **({"emulates": emulates} if emulates else {}),
+                        **({"noise_ulps": variant.noise_ulps} if variant.noise_ulps else {}),
                         "videos": len(audit.records[variant.name]), "nonfinite": nonfinite,
                         "metrics": {k: json_number(v) for k, v in row.items() if k != "variant"},
                         "passed": all(g.passed for g in gates), "gates": [g.to_dict() for g in gates]})
@@ -331,8 +377,27 @@ def _write_scores(run_dir: Path, tables: dict[str, pd.DataFrame]) -> None:
     atomic_write_json(run_dir / "scores" / "metrics.json", _metrics_version())
 
 
+def kernel_findings(work: Path, recipes) -> list[dict]:
+    """Per (recipe, module): kernel SQNR and what it means (``quant_report.kernel_finding``)."""
+    out = []
+    for recipe in sorted(recipes):
+        report = _read_json(report_path(work, recipe))
+        for module, m in report.get("modules", {}).items():
+            if "kernel" in m:
+                out.append({"recipe": recipe, "module": module, "sqnr_min_db": json_number(m.get("sqnr_min_db")),
+                            "float_math_sqnr_min_db": json_number(m.get("float_math_sqnr_min_db")),
+                            "kernel_sqnr_db": json_number(m.get("kernel_sqnr_db")),
+                            "kernel_identical": m.get("kernel_identical", False), **m["kernel"]})
+    return out
+
+
+def emulation_summary(work: Path, recipes) -> dict:
+    """``quantization/<recipe>~<target>.json`` per emulated recipe: per module, SQNR and kernel SQNR there."""
+    return {r: _read_json(report_path(work, r)) for r in sorted(recipes) if split_target(r)[1]}
+
+
 def build_results(audit: Audit, entries: list[dict], checked: list[GateResult], parity: dict,
-                  baseline: tuple[str, dict] | None, started: str, argv: list[str]) -> dict:
+                  baseline: Baseline | None, started: str, argv: list[str]) -> dict:
     verdict = "pass" if all(g.passed for g in checked) else "fail"
     return {
         "schema_version": SCHEMA_VERSION, "run_id": audit.run_id, "tag": audit.config.tag,
@@ -346,14 +411,24 @@ def build_results(audit: Audit, entries: list[dict], checked: list[GateResult], 
         "command": argv,
         "reproduce": f"quant-audit run --config {audit.run_dir / 'config.toml'} --out {audit.out}",
         "versions": versions(),
+        "target": audit.target.to_dict(),
         "parity": {m: {k: e.get(k) for k in ("passed", "max_abs", "rel_l2", "samples", "threshold")}
                    for m, e in parity.get("modules", {}).items()},
-        "baseline": None if baseline is None else {"run_id": baseline[0]},
+        "baseline": None if baseline is None else {"run_id": baseline.run_id, "target": baseline.target},
+        "kernel_findings": kernel_findings(audit.work, _quantized_recipes(audit)),
+        "emulation": {r: {"emulates": e.get("emulates"), "description": e.get("emulates_description"),
+                          "modules": {m: {k: json_number(v) if isinstance(v, float) else v for k, v in d.items()}
+                                      for m, d in e.get("modules", {}).items()}}
+                      for r, e in emulation_summary(audit.work, _quantized_recipes(audit)).items()},
         "stages": [{"name": t.name, "seconds": round(t.seconds, 3), "reused": t.reused} for t in audit.times],
         "failed_gates": [g.to_dict() for g in checked if not g.passed],
         "parity_gates": [g.to_dict() for g in checked if g.kind == "parity"],
         "variants": entries,
     }
+
+
+def _quantized_recipes(audit: Audit) -> set[str]:
+    return {r for v in audit.variants for r in v.modules.values()} - {"torch", "onnx"}
 
 
 def _extras_for_results(extras: dict) -> dict:
@@ -387,13 +462,14 @@ def locked_work(out: Path, fingerprint: str):
 
 
 def _open_run(config: AuditConfig, model: LoadedModel, out: Path, config_key: str, fresh: bool,
-              show_progress: bool) -> tuple[Audit, str]:
+              show_progress: bool, target: Target) -> tuple[Audit, str]:
     """Resume the unfinished run with this config, or start a new one; returns it and its start time."""
     run_id = None if fresh else _resumable_run(out, config_key)
     resumed = run_id is not None
-    audit = Audit(config, model, out, run_id or _new_run_id(), show_progress, fresh)
+    audit = Audit(config, model, out, run_id or _new_run_id(), show_progress, fresh, target)
     started = _read_json(audit.run_dir / RUN_FILE).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     print(("resuming" if resumed else "starting") + f" run {audit.run_id} in {audit.run_dir}", file=sys.stderr)
+    print(f"target: {target.describe()}", file=sys.stderr)
     atomic_write_text(audit.run_dir / "config.toml", config.to_toml())
     _write_status(audit, config_key, started, "running")
     return audit, started
@@ -446,7 +522,8 @@ def _publish(audit: Audit, tables: dict[str, pd.DataFrame], baseline: str | None
 
     parity = _read_json(audit.work / "parity.json")
     db = audit.out / history.DB_NAME
-    baseline_rows = None if baseline is None else (baseline, history.run_metrics(db, baseline))
+    baseline_rows = None if baseline is None else Baseline(baseline, history.run_metrics(db, baseline),
+                                                           history.run_target(db, baseline))
     entries, checked = evaluate(audit, tables["summary"], baseline_rows)
     checked = _parity_gates(parity) + checked
     extras = extras or {}
@@ -477,14 +554,18 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
     from reports import history
 
     out = Path(out)
+    set_threads(config.threads)
+    target = current_target()
     model = load_model(config.model)
     config.settings.check_for(model.pipe)
-    config_key = stage_key({"config": config.to_dict(), "model": model.fingerprint})
-    base = history.resolve_baseline(out / history.DB_NAME, baseline, model.fingerprint) if baseline else None
-    if baseline and base is None:
-        print(f"no earlier run of this model in {out / history.DB_NAME}: no regression check this time", file=sys.stderr)
+    config_key = stage_key({"config": config.to_dict(), "model": model.fingerprint, "target": target.id})
+    base = None
+    if baseline:
+        base, why = history.resolve_baseline(out / history.DB_NAME, baseline, model.fingerprint, target.id)
+        if why:
+            print(why, file=sys.stderr)
     with locked_work(out, model.fingerprint):
-        audit, started = _open_run(config, model, out, config_key, fresh, show_progress)
+        audit, started = _open_run(config, model, out, config_key, fresh, show_progress, target)
         audit.export()
         audit.calibrate()
         audit.quantize()
@@ -513,6 +594,7 @@ def search_pipeline(config: AuditConfig, out: Path, objective: str | None = None
         settings = replace(settings, objective=objective)
     if inc_compare:
         settings = replace(settings, inc_compare=inc_compare)
+    set_threads(config.threads)
     model = load_model(config.model)
     config.settings.check_for(model.pipe)
     with locked_work(Path(out), model.fingerprint):

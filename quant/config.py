@@ -27,12 +27,14 @@ from quant.modules import MODULE_IO
 from quant.prompts import DEFAULT_EVAL_PROMPTS, PROMPTS_DIR
 from quant.quantize import METHODS as INT8_METHODS
 from quant.settings import GenerationSettings
-from quant.variants import KEEP_RECIPES, RECIPES, base_recipe, keep_recipe
+from quant.target import INT8_PATHS, check_emulation_target
+from quant.variants import FLOOR, INT8_RECIPES, KEEP_RECIPES, RECIPES, base_recipe, check_name, keep_recipe, split_target
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "audit.toml"
 QUANT_RECIPES = ("fp16", "int8", "int8-dynamic", "inc-int8")
+ACTIVATION_TYPES = ("int8", "uint8")
 
 
 OBJECTIVES = ("coverage", "latency")
@@ -86,6 +88,11 @@ class AuditConfig:
     simplify: bool = False
     recipes: tuple[str, ...] = QUANT_RECIPES
     int8_method: str = "minmax"
+    int8_reduce_range: bool = False
+    int8_activation_type: str = "int8"
+    threads: int | None = None  # [runtime] threads: None = all usable cores
+    emulate: tuple[str, ...] = ()  # [runtime] emulate: int8 paths of other targets (quant.emulate)
+    floor: bool = True
     variants: tuple[str, ...] = ("onnx", "fp16", "int8", "int8-dynamic", "inc-int8", "mixed")
     attribution: bool = True
     save_latents: bool = True
@@ -105,14 +112,36 @@ class AuditConfig:
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
     def variant_names(self, modules: list[str]) -> list[str]:
-        """The variants this audit generates: the listed ones, then ``<recipe>@<module>`` attribution."""
+        """The variants this audit generates: the listed ones, ``floor``, ``<variant>~<target>`` for
+        each listed variant with int8 modules and each ``[runtime] emulate`` target, then
+        ``<recipe>@<module>`` attribution."""
         names = list(self.variants)
+        if self.floor and FLOOR not in names:
+            names.append(FLOOR)
+        for target in self.emulate:
+            for name in self.variants:
+                if "~" not in name and name != FLOOR and self._runs_int8(name, modules) and f"{name}~{target}" not in names:
+                    names.append(f"{name}~{target}")
         if self.attribution:
             names += [f"{r}@{m}" for r in self.recipes for m in modules if f"{r}@{m}" not in names]
         return names
 
+    def variant(self, name: str, modules: list[str]):
+        """The ``Variant`` called ``name`` on a pipeline with ``modules`` (``floor`` moves the noise)."""
+        from quant.variants import Variant
+
+        return Variant(name, self.variant_modules(name, modules), noise_ulps=1 if name == FLOOR else 0)
+
+    def _runs_int8(self, name: str, modules: list[str]) -> bool:
+        return any(base_recipe(r) in INT8_RECIPES for r in self.variant_modules(name, modules).values())
+
     def variant_modules(self, name: str, modules: list[str]) -> dict[str, str]:
         """module -> recipe for variant ``name`` on a pipeline with ``modules``."""
+        plain, target = split_target(name)
+        if target is not None and plain in self.mixes:
+            from quant.variants import emulated
+
+            return {m: emulated(r, target) for m, r in self.variant_modules(plain, modules).items()}
         if name in self.mixes:
             mix = self.mixes[name]
             missing = [m for m in modules if m not in mix]
@@ -124,6 +153,12 @@ class AuditConfig:
         return parse_variant(name, modules).modules
 
     def gates_for(self, variant: str) -> tuple[Gate, ...]:
+        """``[gates.default]`` for the listed variants, then the variant's own table. An emulated
+        ``<variant>~<target>`` is gated like ``<variant>`` (a verdict for the other target),
+        unless it has a table of its own."""
+        plain, target = split_target(variant)
+        if target is not None and variant not in self.gates:
+            return self.gates_for(plain)
         own = {g.metric: g for g in self.gates.get(variant, ())}
         if variant in self.variants:
             default = {g.metric: g for g in self.gates.get("default", ())}
@@ -140,8 +175,10 @@ class AuditConfig:
             "calibration": {"prompts": str(self.calibration_prompts), "seeds": list(self.calibration_seeds),
                             "samples_per_module": self.calibration_samples},
             "export": {"simplify": self.simplify},
-            "quantize": {"recipes": list(self.recipes), "int8_method": self.int8_method},
-            "variants": {"run": list(self.variants), "attribution": self.attribution,
+            "quantize": {"recipes": list(self.recipes), "int8_method": self.int8_method,
+                         "int8_reduce_range": self.int8_reduce_range, "int8_activation_type": self.int8_activation_type},
+            "runtime": {**({"threads": self.threads} if self.threads is not None else {}), "emulate": list(self.emulate)},
+            "variants": {"run": list(self.variants), "attribution": self.attribution, "floor": self.floor,
                          "save_latents": self.save_latents, "fps": self.fps},
             "mixes": {k: {m: self._mix_entry(r) for m, r in v.items()} for k, v in self.mixes.items()},
             "gates": {v: {g.metric: g.text for g in gates} for v, gates in self.gates.items()},
@@ -262,9 +299,13 @@ def _parse_mix_entry(mix: _Reader, module: str, keep: dict[str, tuple[str, ...]]
 def _parse_mixes(reader: _Reader, keep: dict[str, tuple[str, ...]]) -> dict[str, dict[str, str]]:
     mixes = {}
     for name in list(reader.table):
+        try:
+            check_name(name, "mix")
+        except UserError as exc:
+            raise reader.error(name, str(exc)) from None
         mix = reader.sub(name)
-        if "@" in name or name in RECIPES:
-            raise reader.error(name, "a mix name must not be a recipe or contain '@'")
+        if "@" in name or "~" in name or name in RECIPES or name == FLOOR:
+            raise reader.error(name, "a mix name must not be a recipe or 'floor', or contain '@' or '~'")
         mixes[name] = {module: _parse_mix_entry(mix, module, keep) for module in list(mix.table)}
     return mixes
 
@@ -309,8 +350,12 @@ def _parse_search(reader: _Reader) -> SearchSettings:
     if objective not in OBJECTIVES:
         raise reader.error("objective", f"expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
     name = reader.take("name", str, d.name)
-    if not name or "@" in name or name in RECIPES:
-        raise reader.error("name", f"a mix name must not be empty, a recipe or contain '@', got {name!r}")
+    if not name or "@" in name or "~" in name or name in RECIPES or name == FLOOR:
+        raise reader.error("name", f"a mix name must not be empty, a recipe or 'floor', or contain '@' or '~', got {name!r}")
+    try:
+        check_name(name, "search")
+    except UserError as exc:
+        raise reader.error("name", str(exc)) from None
     modules = reader.take_list("modules", str, d.modules)
     for module in modules:
         if module not in MODULE_IO:
@@ -356,11 +401,25 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
         raise quant.error("int8_method", f"unknown method '{method}' (methods: {', '.join(INT8_METHODS)})")
     if method == "percentile" and "inc-int8" in recipes:
         raise quant.error("int8_method", "inc-int8 calibrates with minmax or entropy, not percentile")
+    reduce_range = quant.take("int8_reduce_range", bool, d.int8_reduce_range)
+    activation_type = quant.take("int8_activation_type", str, d.int8_activation_type)
+    if activation_type not in ACTIVATION_TYPES:
+        raise quant.error("int8_activation_type", f"expected one of {', '.join(ACTIVATION_TYPES)}, got {activation_type!r}")
     quant.done()
+    runtime = top.sub("runtime")
+    threads = runtime.take("threads", int, d.threads)
+    if threads is not None and threads < 1:
+        raise runtime.error("threads", f"must be a positive integer, got {threads}")
+    emulate = runtime.take_list("emulate", str, d.emulate)
+    for target in emulate:
+        if target not in INT8_PATHS:
+            raise runtime.error("emulate", f"unknown target '{target}' (targets: {', '.join(INT8_PATHS)})")
+    runtime.done()
     var = top.sub("variants")
     variants = var.take_list("run", str, d.variants)
     attribution = var.take("attribution", bool, d.attribution)
     save_latents = var.take("save_latents", bool, d.save_latents)
+    floor = var.take("floor", bool, d.floor)
     fps = var.take("fps", int, d.fps)
     if fps < 1:
         raise var.error("fps", f"must be a positive integer, got {fps}")
@@ -383,7 +442,9 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
     top.done()
     config = AuditConfig(model=model, tag=tag, settings=settings, eval_prompts=eval_prompts, seeds=seeds,
                          calibration_prompts=cal_prompts, calibration_seeds=cal_seeds, calibration_samples=samples,
-                         simplify=simplify, recipes=recipes, int8_method=method, variants=variants,
+                         simplify=simplify, recipes=recipes, int8_method=method, int8_reduce_range=reduce_range,
+                         int8_activation_type=activation_type, threads=threads, emulate=tuple(dict.fromkeys(emulate)),
+                         floor=floor, variants=variants,
                          attribution=attribution, save_latents=save_latents, fps=fps, mixes=mixes, gates=gates,
                          regression=regression, keep_fp32=keep, search=search, sensitivity=sens_modules,
                          sensitivity_recipe=sens_recipe, source=source)
@@ -396,17 +457,34 @@ def _check_variants(config: AuditConfig) -> None:
     if not config.variants and not config.attribution:
         raise UserError(f"{config.source}: variants.run: no variant to audit (list one, or set attribution = true)")
     for name in list(config.variants) + [g for g in config.gates if g != "default"]:
-        if name in config.mixes:
-            used = {base_recipe(r) for r in config.mixes[name].values()}
+        where = "variants.run" if name in config.variants else f"gates.{name}"
+        try:
+            check_name(name)
+        except UserError as exc:
+            raise UserError(f"{config.source}: {where}: {exc}") from None
+        plain, target = split_target(name)
+        if target is not None:
+            try:
+                check_emulation_target(target, f"variant '{name}'")
+            except UserError as exc:
+                raise UserError(f"{config.source}: {where}: {exc}") from None
+        if plain == FLOOR:
+            if target is not None:
+                raise UserError(f"{config.source}: {where}: '{name}': the floor runs no int8 kernels to emulate")
+            continue
+        if plain in config.mixes:
+            used = {base_recipe(r) for r in config.mixes[plain].values()}
         else:
-            recipe, _, module = name.partition("@")
+            recipe, _, module = plain.partition("@")
             if recipe not in RECIPES:
-                where = "variants.run" if name in config.variants else f"gates.{name}"
                 raise UserError(f"{config.source}: {where}: unknown variant '{name}' (a recipe, <recipe>@<module> "
                                 f"or a mix: {', '.join(config.mixes) or 'none defined'})")
             if module and module not in MODULE_IO:
                 raise UserError(f"{config.source}: variant '{name}': unknown module '{module}'")
             used = {recipe}
+        if target is not None and not used & set(INT8_RECIPES):
+            raise UserError(f"{config.source}: {where}: '{name}' runs no int8 recipe ({', '.join(INT8_RECIPES)}) "
+                            "whose kernels could be emulated")
         missing = sorted(used - set(config.recipes) - {"torch", "onnx"})
         if missing and name in config.variants:
             raise UserError(f"{config.source}: variants.run: '{name}' needs recipe(s) {', '.join(missing)}, "

@@ -64,9 +64,40 @@ class GateResult:
     passed: bool
     kind: str = "threshold"  # threshold | finite | regression | parity
     reason: str = ""
+    note: str = ""  # e.g. "below the noise floor ...", "baseline ran on target X"
 
     def to_dict(self) -> dict:
         return {k: (json_number(v) if k in ("threshold", "value") else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The run a regression check compares with: its id, variant -> metrics, and its target id."""
+
+    run_id: str
+    metrics: dict
+    target: str | None
+
+    def note(self, target: str) -> str:
+        """What the gate table says when the baseline ran elsewhere (its numbers are not this target's)."""
+        if self.target == target:
+            return ""
+        return f"baseline ran on target {self.target or 'unknown (recorded before targets were)'}"
+
+
+def mark_noise_floor(results: list[GateResult], floor: dict | None) -> list[GateResult]:
+    """Mark threshold gates tighter than the ``floor`` variant's own score: even a round-off-sized
+    change of the FP32 pipeline would fail them, so they gate numerical noise, not quantization."""
+    if not floor:
+        return results
+    for result in results:
+        value = floor.get(result.metric)
+        if result.kind != "threshold" or value is None or result.threshold is None or math.isnan(float(value)):
+            continue
+        if not Gate(result.metric, result.op, result.threshold).passes(float(value)):
+            result.note = (f"below the noise floor: the floor variant (FP32, initial noise moved by one ulp) scores "
+                           f"{result.metric} = {float(value):.6g}")
+    return results
 
 
 def _num(value: float | None) -> str:
@@ -115,7 +146,7 @@ def check_gates(variant: str, row: dict, gates, nonfinite: dict[str, int]) -> li
 
 
 def check_regression(variant: str, row: dict, baseline: dict, tolerances: dict[str, float],
-                     baseline_run: str) -> list[GateResult]:
+                     baseline_run: str, note: str = "") -> list[GateResult]:
     """A gate per tolerated metric: fails when ``row`` is worse than ``baseline`` by more than the tolerance."""
     results = []
     for metric, tolerance in tolerances.items():
@@ -130,5 +161,5 @@ def check_regression(variant: str, row: dict, baseline: dict, tolerances: dict[s
         passed = gate.passes(value)
         reason = "" if passed else (f"{metric} {_num(value)} vs {_num(base)} in baseline run {baseline_run} "
                                     f"(tolerance {tolerance:g})")
-        results.append(GateResult(variant, metric, gate.op, limit, value, passed, "regression", reason))
+        results.append(GateResult(variant, metric, gate.op, limit, value, passed, "regression", reason, note))
     return results

@@ -61,6 +61,7 @@ def _manifest(model: LoadedModel, variant: Variant, settings: GenerationSettings
         "key": key,
         "variant": variant.name,
         "modules": variant.modules,
+        "noise_ulps": variant.noise_ulps,
         "model": model.identity(),
         "settings": settings.to_dict(),
         "versions": versions(),
@@ -112,7 +113,7 @@ def generate_variant(model: LoadedModel, variant: Variant, prompts: list[str], s
             records.append(done[(prompt, seed)])
             continue
         before = nonfinite_counts(pipe)
-        video = generate_video(pipe, prompt, seed, settings, trajectory=save_latents)
+        video = generate_video(pipe, prompt, seed, settings, trajectory=save_latents, noise_ulps=variant.noise_ulps)
         after = nonfinite_counts(pipe)
         name = f"{prompt_id(index)}_s{seed}"
         path = folder / f"{name}.npz"

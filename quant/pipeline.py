@@ -28,7 +28,7 @@ from quant.models import LoadedModel
 from quant.modules import MODULE_IO
 from quant.ort_modules import STAND_INS, open_session
 from quant.settings import GenerationSettings
-from quant.variants import Variant, onnx_dir, onnx_path
+from quant.variants import Variant, onnx_dir, onnx_path, split_target
 from quant.video_io import to_uint8
 
 MANIFEST = "manifest.json"
@@ -152,11 +152,12 @@ def check_onnx_folder(root: Path, recipe: str, model: LoadedModel, settings: Gen
     return manifest
 
 
-def _stand_in(model: LoadedModel, module: str, path: Path, manifest: dict):
+def _stand_in(model: LoadedModel, module: str, recipe: str, path: Path, manifest: dict):
     if module not in manifest.get("modules", {}):
         raise UserError(f"{path.parent / MANIFEST}: no '{module}' model listed; export or quantize it first")
     original = model.pipe.vae if module == "vae_decoder" else getattr(model.pipe, module)
-    return STAND_INS[module](open_session(path), original.config, str(path))
+    emulated = split_target(recipe)[1] is not None  # an emulation is float math: never fused by ORT
+    return STAND_INS[module](open_session(path, optimize=not emulated), original.config, str(path))
 
 
 def assemble(model: LoadedModel, variant: Variant, root: Path, settings: GenerationSettings):
@@ -169,7 +170,7 @@ def assemble(model: LoadedModel, variant: Variant, root: Path, settings: Generat
              "transformer_2": ref.transformer_2, "vae_decoder": ref.vae}
     manifests = {r: check_onnx_folder(root, r, model, settings) for r in sorted(set(variant.onnx_modules.values()))}
     for module, recipe in variant.onnx_modules.items():
-        parts[module] = _stand_in(model, module, onnx_path(root, recipe, module), manifests[recipe])
+        parts[module] = _stand_in(model, module, recipe, onnx_path(root, recipe, module), manifests[recipe])
     pipe = WanPipeline(
         tokenizer=ref.tokenizer, text_encoder=parts["text_encoder"], vae=parts["vae_decoder"],
         scheduler=ref.scheduler.__class__.from_config(ref.scheduler.config),
@@ -187,14 +188,28 @@ def nonfinite_counts(pipe) -> dict[str, int]:
     return {m: part.nonfinite_calls for m, part in parts.items() if hasattr(part, "nonfinite_calls")}
 
 
+def initial_noise(pipe, seed: int, settings: GenerationSettings, ulps: int = 0) -> torch.Tensor:
+    """The initial latents ``WanPipeline`` draws for ``seed`` (its own ``prepare_latents``), moved
+    by ``ulps`` float32 ulps towards +inf (``floor``: a round-off-sized change of every element)."""
+    denoiser = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = pipe.prepare_latents(1, denoiser.config.in_channels, settings.height, settings.width, settings.num_frames,
+                                   torch.float32, torch.device("cpu"), generator)
+    up = torch.full_like(latents, float("inf"))
+    for _ in range(ulps):
+        latents = torch.nextafter(latents, up)
+    return latents
+
+
 @torch.no_grad()
 def generate_video(pipe, prompt: str, seed: int, settings: GenerationSettings, callback=None,
-                   trajectory: bool = False) -> GeneratedVideo:
+                   trajectory: bool = False, noise_ulps: int = 0) -> GeneratedVideo:
     """Generate one video; the initial noise comes from a CPU generator seeded with ``seed``.
 
     Args:
         callback: diffusers ``callback_on_step_end(pipe, step, timestep, kwargs) -> dict``.
         trajectory: also return the latents after every step (cannot be combined with ``callback``).
+        noise_ulps: move the initial noise by this many float32 ulps (the ``floor`` variant).
     """
     recorder = None
     if trajectory:
@@ -202,8 +217,9 @@ def generate_video(pipe, prompt: str, seed: int, settings: GenerationSettings, c
             raise ValueError("trajectory=True records through the step callback; pass one or the other")
         callback = recorder = _TrajectoryRecorder()
     generator = torch.Generator("cpu").manual_seed(seed)
+    latents = initial_noise(pipe, seed, settings, noise_ulps) if noise_ulps else None
     out = pipe(
-        prompt=prompt, negative_prompt=settings.negative_prompt, height=settings.height, width=settings.width,
+        prompt=prompt, latents=latents, negative_prompt=settings.negative_prompt, height=settings.height, width=settings.width,
         num_frames=settings.num_frames, num_inference_steps=settings.num_inference_steps,
         guidance_scale=settings.guidance_scale, generator=generator,
         max_sequence_length=settings.max_sequence_length, output_type="np", callback_on_step_end=callback,

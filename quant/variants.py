@@ -5,7 +5,10 @@ Recipes: ``torch`` (FP32 PyTorch, the reference), ``onnx`` (FP32 ONNX Runtime), 
 ``<out>/onnx/<folder>/<module>.onnx``; ``onnx`` reads folder ``fp32``.
 
 Variant names: ``<recipe>`` (every module), ``<recipe>@<module>`` (one module swapped, the rest
-``torch``).
+``torch``), ``floor`` (the FP32 PyTorch pipeline with the initial noise moved by one float32 ulp:
+the noise floor), and ``<variant>~<target>``: the variant's int8 modules run as graphs that
+emulate another execution target's integer kernels (``quant.emulate``; recipe ``int8~avx2``,
+folder ``onnx/int8~avx2/``).
 
 A module can also run a recipe with some nodes kept in FP32 (mixed precision inside a module):
 ``keep_recipe("int8", nodes)`` names it ``int8+keep-<hash of the nodes>``, with its own folder
@@ -40,10 +43,15 @@ RECIPES: dict[str, str | None] = {
 
 @dataclass(frozen=True)
 class Variant:
-    """A named assignment of recipes to modules."""
+    """A named assignment of recipes to modules.
+
+    Attributes:
+        noise_ulps: float32 ulps the initial noise is moved by (``floor``: 1; every other variant 0).
+    """
 
     name: str
     modules: dict[str, str]
+    noise_ulps: int = 0
 
     @property
     def onnx_modules(self) -> dict[str, str]:
@@ -51,7 +59,34 @@ class Variant:
 
 
 KEEP_RECIPES = ("int8", "int8-dynamic", "fp16")  # their handlers keep named nodes in FP32
+INT8_RECIPES = ("int8", "int8-dynamic", "inc-int8")  # run integer kernels: emulable for another target
+FLOOR = "floor"
 _KEEP = re.compile(r"^(?P<base>[a-z0-9-]+)\+keep-(?P<tag>[0-9a-f]{12})$")
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def check_name(name: str, what: str = "variant") -> str:
+    """A user-given name that becomes a path (variant, mix, search result): no ``/``, ``\\``, ``..``,
+    leading dot, control characters, or empty name (DESIGN.md).
+
+    Raises:
+        UserError: naming the offending value.
+    """
+    if not isinstance(name, str) or not name or name.startswith(".") or ".." in name or _BAD_NAME.search(name):
+        raise UserError(f"{what} name {name!r} cannot be a folder name (no '/', '..', leading dot, control "
+                        "characters or empty names)")
+    return name
+
+
+def split_target(recipe: str) -> tuple[str, str | None]:
+    """``int8~avx2`` -> (``int8``, ``avx2``); ``int8`` -> (``int8``, None)."""
+    recipe, sep, target = recipe.partition("~")
+    return recipe, (target if sep else None)
+
+
+def emulated(recipe: str, target: str | None) -> str:
+    """``recipe`` on ``target``'s emulated kernels when it runs integer kernels, else ``recipe``."""
+    return f"{recipe}~{target}" if target and base_recipe(recipe) in INT8_RECIPES else recipe
 
 
 def keep_recipe(recipe: str, nodes) -> str:
@@ -64,16 +99,25 @@ def keep_recipe(recipe: str, nodes) -> str:
 
 
 def base_recipe(recipe: str) -> str:
+    """``int8+keep-<tag>~avx2`` -> ``int8``: the handler that quantizes it."""
+    recipe, _ = split_target(recipe)
     match = _KEEP.match(recipe)
     return match["base"] if match else recipe
 
 
 def check_recipe(recipe: str) -> str:
-    match = _KEEP.match(recipe)
+    from quant.target import check_emulation_target
+
+    plain, target = split_target(recipe)
+    if target is not None:
+        check_emulation_target(target, f"recipe '{recipe}'")
+        if base_recipe(plain) not in INT8_RECIPES:
+            raise UserError(f"recipe '{recipe}': only int8 recipes ({', '.join(INT8_RECIPES)}) run on an emulated target")
+    match = _KEEP.match(plain)
     if match and match["base"] in KEEP_RECIPES:
         return recipe
-    if recipe not in RECIPES:
-        raise UserError(f"unknown recipe '{recipe}' (recipes: {', '.join(RECIPES)})")
+    if plain not in RECIPES:
+        raise UserError(f"unknown recipe '{plain}' (recipes: {', '.join(RECIPES)})")
     return recipe
 
 
@@ -83,8 +127,14 @@ def parse_variant(name: str, modules: list[str]) -> Variant:
     Raises:
         UserError: unknown recipe or module.
     """
-    recipe, sep, module = name.partition("@")
-    check_recipe(recipe)
+    if name == FLOOR:
+        return Variant(FLOOR, {m: "torch" for m in modules}, noise_ulps=1)
+    plain, target = split_target(name)
+    recipe, sep, module = plain.partition("@")
+    check_recipe(emulated(recipe, target) if target else recipe)
+    if target and base_recipe(recipe) not in INT8_RECIPES:
+        raise UserError(f"variant '{name}': only int8 recipes ({', '.join(INT8_RECIPES)}) run on an emulated target")
+    recipe = emulated(recipe, target)
     if not sep:
         return Variant(name, {m: recipe for m in modules})
     check_module_name(module, modules)
@@ -97,6 +147,11 @@ def onnx_dir(root: Path, recipe: str) -> Path:
     if folder is None:
         raise ValueError("recipe 'torch' has no ONNX files")
     return Path(root) / "onnx" / (recipe if recipe != base_recipe(recipe) else folder)
+
+
+def source_recipe(recipe: str) -> str:
+    """The recipe whose ONNX models an emulated recipe rewrites (``int8~avx2`` -> ``int8``)."""
+    return split_target(recipe)[0]
 
 
 def onnx_path(root: Path, recipe: str, module: str) -> Path:

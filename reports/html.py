@@ -105,10 +105,21 @@ def _quantization(run_dir: Path) -> list[dict]:
     for path in sorted((run_dir / "quantization").glob("*.json")):
         report = json.loads(path.read_text(encoding="utf-8"))
         for module, m in report.get("modules", {}).items():
+            if "census" not in m:  # an emulated recipe (quant.emulate_stage): SQNR and kernel SQNR only
+                rows.append({"recipe": report["recipe"], "module": module, "sqnr_min": m.get("sqnr_min_db"),
+                             **dict.fromkeys(("int8", "fp16", "fp32", "size", "fp32_size", "latency", "fp32_latency")),
+                             "kernel_sqnr": m.get("kernel_sqnr_db"), "kernel_identical": m.get("kernel_identical"),
+                             "kernel": {"status": "emulated", "message": f"{len(m.get('nodes', []))} node(s) emulated, "
+                                        f"{m.get('saturable_pairs', 0)} weight pairs can saturate"
+                                        + (f"; not emulated: {len(m['not_emulated'])} node(s)" if m.get("not_emulated") else "")},
+                             "kept": [], "notes": [f"{n}: {why}" for n, why in list(m.get("not_emulated", {}).items())[:6]]})
+                continue
             counts = precision_counts(m["census"])
             rows.append({"recipe": report["recipe"], "module": module, **counts, "size": m.get("size_bytes"),
                          "fp32_size": m.get("fp32_size_bytes"), "latency": m.get("latency_ms"),
                          "fp32_latency": m.get("fp32_latency_ms"), "sqnr_min": m.get("sqnr_min_db"),
+                         "kernel_sqnr": m.get("kernel_sqnr_db"), "kernel_identical": m.get("kernel_identical"),
+                         "kernel": m.get("kernel") or {"status": "n/a", "message": ""},
                          "kept": sorted(m.get("kept_fp32", {})), "reasons": m.get("fp32_compute_reasons", {}),
                          "notes": m.get("notes", [])})
     return rows
@@ -160,6 +171,7 @@ def report_context(run_dir: Path) -> dict:
     gates.sort(key=lambda g: g["passed"])  # failures first
     return {
         "r": results, "gates": gates, "main_variants": main,
+        "floor": next(({"m": v["metrics"]} for v in variants if v["kind"] == "floor"), None),
         "summary_columns": SUMMARY_COLUMNS,
         "variants": [{**v, "m": v["metrics"], "recipes": describe_modules(v["modules"])} for v in variants],
         "attribution_svg": _svg(plots.attribution_bars(summary, results["modules"], recipes)) if len(summary) else "",

@@ -19,11 +19,19 @@ def test_repository_audit_toml_is_the_default_and_round_trips(tmp_path):
     assert config.variants == ("onnx", "fp16", "int8", "int8-dynamic", "inc-int8", "mixed")
     # the defaults in code agree with the file (nothing drifts apart)
     defaults = AuditConfig()
-    for name in ("model", "settings", "seeds", "recipes", "variants", "mixes", "calibration_samples", "int8_method"):
+    for name in ("model", "settings", "seeds", "recipes", "variants", "mixes", "calibration_samples", "int8_method",
+                 "int8_reduce_range", "int8_activation_type", "threads", "floor"):
         assert getattr(config, name) == getattr(defaults, name), name
+    assert config.emulate == ("avx2", "vnni")
     names = config.variant_names(MODULES)
-    assert names[:6] == list(config.variants) and len(names) == 6 + 4 * 4
+    assert names[:6] == list(config.variants) and names[6] == "floor"
+    emulated = {f"{v}~{t}" for v in ("int8", "int8-dynamic", "inc-int8", "mixed") for t in ("avx2", "vnni")}
+    assert set(names[7:15]) == emulated and len(names) == 15 + 4 * 4  # fp16 and onnx run no int8 kernels
     assert "inc-int8@transformer_2" in names
+    assert config.variant_modules("mixed~avx2", MODULES)["transformer_2"] == "inc-int8~avx2"
+    assert config.variant_modules("mixed~avx2", MODULES)["vae_decoder"] == "fp16"
+    assert config.gates_for("int8~avx2") == config.gates_for("int8")  # gated like the variant it emulates
+    assert config.variant("floor", MODULES).noise_ulps == 1 and config.variant("int8", MODULES).noise_ulps == 0
     # the resolved config a run writes reads back to the same configuration
     written = tmp_path / "config.toml"
     written.write_text(config.to_toml())
@@ -57,6 +65,19 @@ def test_gates_for_merges_default_and_variant_tables():
     ('[gates.fp8]\npsnr_mean = 30', "gates.fp8: unknown variant 'fp8'"),
     ("[regression]\npsnr_mean = -1", "regression.psnr_mean: tolerance must be a finite number >= 0"),
     ("schema_version = 9", "schema_version: this quant-audit reads version 1, got 9"),
+    ('[runtime]\nemulate = ["arm"]', "runtime.emulate: unknown target 'arm' (targets: avx2, vnni)"),
+    ("[runtime]\nthreads = 0", "runtime.threads: must be a positive integer, got 0"),
+    ('[runtime]\nexecutor = "ray"', "runtime.executor: unknown key"),
+    ('[quantize]\nint8_activation_type = "int4"', "quantize.int8_activation_type: expected one of int8, uint8"),
+    ('[quantize]\nint8_reduce_range = "yes"', "quantize.int8_reduce_range: expected bool"),
+    ('[variants]\nrun = ["fp16~avx2"]', "'fp16~avx2' runs no int8 recipe"),
+    ('[variants]\nrun = ["int8~arm"]', "variant 'int8~arm': unknown target 'arm'"),
+    ('[variants]\nrun = ["floor~avx2"]', "the floor runs no int8 kernels to emulate"),
+    ('[variants]\nrun = ["../../.."]', "variant name '../../..' cannot be a folder name"),
+    ('[mixes."../../.."]\nvae_decoder = "fp16"', "mixes.../../..: mix name '../../..' cannot be a folder name"),
+    ('[mixes.".hidden"]\nvae_decoder = "fp16"', "mix name '.hidden' cannot be a folder name"),
+    ('[mixes.floor]\nvae_decoder = "fp16"', "a mix name must not be a recipe or 'floor'"),
+    ('[search]\nname = "a/b"', "search.name: search name 'a/b' cannot be a folder name"),
     ("[export]\nsimplify = 1", "export.simplify: expected bool"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):

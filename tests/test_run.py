@@ -45,6 +45,9 @@ seeds = [0]
 samples_per_module = 8
 [quantize]
 recipes = ["fp16", "int8-dynamic"]
+[runtime]
+threads = 2
+emulate = ["avx2"]
 [variants]
 run = ["onnx", "fp16", "int8-dynamic", "mixed"]
 fps = {fps}
@@ -115,12 +118,13 @@ def audited(folder) -> Done:
 
 def test_run_writes_the_design_run_files(audited):
     results = audited.results
-    assert results["schema_version"] == 1 and results["verdict"] == "pass" and results["tag"] == HOSTILE_TAG
+    assert results["schema_version"] == 2 and results["verdict"] == "pass" and results["tag"] == HOSTILE_TAG
     assert results["model"]["name"] == "wan2.2-t2v-tiny" and results["model"]["fingerprint"].startswith("sha256:")
     assert set(results["parity"]) == set(MODULES) and all(p["passed"] for p in results["parity"].values())
     names = [v["name"] for v in results["variants"]]
     expected_attribution = [f"{r}@{m}" for r in ("fp16", "int8-dynamic") for m in MODULES]
-    assert names == ["onnx", "fp16", "int8-dynamic", "mixed", *expected_attribution]
+    assert names == ["onnx", "fp16", "int8-dynamic", "mixed", "floor", "int8-dynamic~avx2", "mixed~avx2",
+                     *expected_attribution]
     mixed = next(v for v in results["variants"] if v["name"] == "mixed")
     assert mixed["modules"] == {"text_encoder": "fp16", "transformer": "fp16", "transformer_2": "int8-dynamic",
                                 "vae_decoder": "fp16"}
@@ -132,6 +136,31 @@ def test_run_writes_the_design_run_files(audited):
     assert {g["metric"] for g in fp16["gates"]} == {"nonfinite_outputs", "psnr_mean", "ssim_min"}
     # quantization costs something, and int8 more than fp16
     assert fp16["metrics"]["psnr_mean"] > next(v for v in results["variants"] if v["name"] == "int8-dynamic")["metrics"]["psnr_mean"]
+    # the noise floor: the FP32 pipeline itself, gated only for finiteness
+    floor = next(v for v in results["variants"] if v["name"] == "floor")
+    assert floor["kind"] == "floor" and floor["noise_ulps"] == 1 and set(floor["modules"].values()) == {"torch"}
+    assert [g["metric"] for g in floor["gates"]] == ["nonfinite_outputs"]
+    # emulated targets: int8 modules swapped for their ~avx2 graphs, gated like the variant they emulate
+    emulated = next(v for v in results["variants"] if v["name"] == "mixed~avx2")
+    assert emulated["emulates"] == "avx2" and emulated["kind"] == "mix"
+    assert emulated["modules"] == {**mixed["modules"], "transformer_2": "int8-dynamic~avx2"}
+    assert {g["metric"] for g in emulated["gates"]} == {g["metric"] for g in mixed["gates"]}
+    assert set(results["emulation"]["int8-dynamic~avx2"]["modules"]) == set(MODULES)
+    # the execution target: in results.json, the console, the history
+    target = results["target"]
+    assert target["threads"] == 2 and target["int8_path"] in ("avx2", "vnni", "other")
+    assert {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "f16c"} <= set(target["flags"])
+    assert target["id"] in audited.out and target["id"] in audited.err
+    with sqlite3.connect(audited.run_dir.parent / "history.sqlite") as conn:
+        ids = {row[0] for row in conn.execute("SELECT target_id FROM results WHERE run_id = ?", (audited.run_dir.name,))}
+    assert ids == {target["id"]}
+    # kernel SQNR beside the SQNR against FP32, per quantized module
+    quant = json.loads((audited.run_dir / "quantization" / "int8-dynamic.json").read_text())
+    for module in MODULES:
+        entry = quant["modules"][module]
+        assert entry["kernel"]["status"] in ("ok", "float-math", "lossy-kernels")
+        assert entry["kernel_identical"] or entry["kernel_sqnr_db"] is not None
+    assert {f["module"] for f in results["kernel_findings"] if f["recipe"] == "int8-dynamic"} == set(MODULES)
 
     frames = pd.read_csv(audited.run_dir / "scores" / "frames.csv")
     assert len(frames) == len(names) * 2 * 1 * 5  # variants x prompts x seeds x frames
@@ -180,6 +209,11 @@ def test_impossible_thresholds_exit_1_and_name_the_gates(audited, folder):
     assert results["verdict"] == "fail"
     failed = {(g["variant"], g["metric"]) for g in results["failed_gates"]}
     assert ("mixed", "psnr_mean") in failed and ("onnx", "psnr_min") not in failed
+    # 200 dB is tighter than the floor (FP32 with the noise moved by one ulp): marked as such
+    gate = next(g for g in results["failed_gates"] if (g["variant"], g["metric"]) == ("fp16", "psnr_mean"))
+    assert gate["note"].startswith("below the noise floor")
+    onnx_min = next(g for v in results["variants"] if v["name"] == "onnx" for g in v["gates"] if g["metric"] == "psnr_min")
+    assert "noise floor" not in onnx_min["note"]  # 60 dB is not
     assert int(ET.parse(done.run_dir / "junit.xml").getroot().get("failures")) == len(results["failed_gates"])
     # every model and video was reused from the first run, not recomputed
     stages = {s["name"]: s["reused"] for s in results["stages"]}
@@ -190,7 +224,7 @@ def test_baseline_latest_compares_and_a_drop_fails(audited, folder):
     from reports.history import resolve_baseline
 
     db = folder / "runs" / "history.sqlite"
-    previous = resolve_baseline(db, "latest", audited.results["model"]["fingerprint"])
+    previous, _ = resolve_baseline(db, "latest", audited.results["model"]["fingerprint"], audited.results["target"]["id"])
     config = write_config(folder)
     done = run_cli(config, folder / "runs", "--baseline", "latest")
     assert done.code == 0, done.err[-2000:]
@@ -211,7 +245,20 @@ def test_baseline_latest_compares_and_a_drop_fails(audited, folder):
     assert done.code == 1
     failed = done.results["failed_gates"]
     assert [(g["variant"], g["metric"], g["kind"]) for g in failed] == [("fp16", "psnr_mean", "regression")]
-    assert audited.run_dir.name in failed[0]["reason"]
+    assert audited.run_dir.name in failed[0]["reason"] and failed[0]["note"] == ""
+
+    # Every earlier run now says it ran on another CPU: latest compares with none of them, and says so;
+    # a baseline named by run id still compares, and the gate table says where it ran.
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE results SET target_id = 'x86_64-avx512-vnni-ort1.31.1-t2-elsewh'")
+    done = run_cli(config, folder / "runs", "--baseline", "latest")
+    assert done.code == 0 and done.results["baseline"] is None
+    assert "ran on other targets (x86_64-avx512-vnni-ort1.31.1-t2-elsewh)" in done.err
+    assert not [g for v in done.results["variants"] for g in v["gates"] if g["kind"] == "regression"]
+    done = run_cli(config, folder / "runs", "--baseline", audited.run_dir.name)
+    assert done.code == 1 and done.results["baseline"]["target"] == "x86_64-avx512-vnni-ort1.31.1-t2-elsewh"
+    (gate,) = done.results["failed_gates"]
+    assert gate["note"] == "baseline ran on target x86_64-avx512-vnni-ort1.31.1-t2-elsewh"
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -314,11 +361,12 @@ def test_report_loads_in_chromium_with_every_section(audited):
         assert page.errors == []
         sections = ["verdict", "gates", "attribution", "metrics", "frames", "latents", "playback", "parity",
                     "quantization", "environment"]
+        assert audited.results["target"]["id"] in page.evaluate("document.getElementById('environment').nextElementSibling.innerText")
         assert page.evaluate(f"{json.dumps(sections)}.filter(id => !document.getElementById(id))") == []
         assert page.evaluate("document.querySelector('.banner').textContent.trim().startsWith('PASS')")
         assert page.evaluate("document.querySelectorAll('figure svg').length") >= 3  # attribution, frames, latents
         images = page.evaluate("[...document.images].map(i => i.complete && i.naturalWidth > 0)")
-        assert len(images) == 2 * 4 and all(images)  # 2 prompts x (onnx, fp16, int8-dynamic, mixed)
+        assert len(images) == 2 * 7 and all(images)  # 2 prompts x (onnx, fp16, int8-dynamic, mixed, floor, 2 emulated)
         assert page.evaluate("window.__pwned === undefined")
         assert HOSTILE_PROMPT in page.evaluate("document.body.innerText")
         assert audited.results["model"]["fingerprint"] in page.evaluate("document.body.innerText")
