@@ -53,7 +53,7 @@ from quant.variants import FLOOR, Variant, base_recipe, onnx_dir, onnx_path, spl
 
 SCHEMA_VERSION = 2  # 2: target block, floor, emulated variants, kernel findings
 RUN_FILE = "run.json"
-EMULATION_VERSION = 1  # bump when quant.emulate's rewrite changes: emulated models are redone
+EMULATION_VERSION = 2  # bump when quant.emulate's rewrite changes: emulated models are redone
 
 
 @dataclass

@@ -19,8 +19,10 @@ the correction ``clip(s, -32768, 32767) - s`` of the raw pair sum ``s``, scaled 
 ``"vnni"`` is the exact integer math (the float math, with integer ops computed in float64).
 ``float_math_model`` is the reference ``kernel_sqnr_db`` compares the deployed graph with.
 
-Limits: grouped Conv and weights with a non-zero zero point are left to the float math (listed
-in ``EmulationResult.skipped``); the rewrite's extra Conv has one output channel per weight pair
+Limits, left to the float math and listed in ``EmulationResult.skipped`` with the reason:
+activation x activation MatMuls (attention: both operands known only at run time), grouped Conv,
+weights with a non-zero zero point, and weights that reach the node through a layout op or are
+quantized inside the graph (inc-int8's export; ONNX Runtime folds those under new names); the rewrite's extra Conv has one output channel per weight pair
 that can saturate, so it grows with the model (fine for the built-in models).
 
 Example::
@@ -135,14 +137,16 @@ def _qdq(g: _Graph, node: onnx.NodeProto) -> tuple[_QdqNode | None, str]:
         return None, "no weight input"
     act, wt = (g.producer.get(node.input[0]), g.producer.get(node.input[1]))
     if not (act and wt and act.op_type == wt.op_type == "DequantizeLinear"):
-        return None, "inputs are not DequantizeLinear"
+        return None, ("weights reach it through a layout op (e.g. inc-int8's DequantizeLinear -> Transpose), "
+                      "which ONNX Runtime constant-folds under new names: not matched")
     weight = g.const(wt.input[0])
     w_scale = g.const(wt.input[1])
     x_scale = g.const(act.input[1])
     x_zero = g.const(act.input[2]) if len(act.input) > 2 and act.input[2] else np.zeros((), np.uint8)
     w_zero = g.const(wt.input[2]) if len(wt.input) > 2 and wt.input[2] else np.zeros(())
     if weight is None or w_scale is None or x_scale is None or x_zero is None or x_scale.size != 1:
-        return None, "weights, scales or zero points are not constants"
+        return None, ("weights, scales or zero points are not constants (an activation x activation MatMul, "
+                      "or weights quantized inside the graph)")
     if w_zero is not None and np.any(w_zero != 0):
         return None, "weight zero point is not 0"
     if node.op_type == "Conv" and next((a.i for a in node.attribute if a.name == "group"), 1) != 1:
@@ -151,6 +155,17 @@ def _qdq(g: _Graph, node: onnx.NodeProto) -> tuple[_QdqNode | None, str]:
     w_scale = np.broadcast_to(np.asarray(w_scale, np.float64).reshape(-1), (channels,)).copy()
     return _QdqNode(node, act.input[0], float(x_scale.reshape(())), int(x_zero.reshape(())),
                     x_zero.dtype == np.int8, weight.astype(np.int64), w_scale), ""
+
+
+def _reads_quantized(g: _Graph, node: onnx.NodeProto) -> bool:
+    """Whether an input of ``node`` comes from a DequantizeLinear, directly or through a layout op."""
+    for name in node.input[:2]:
+        producer = g.producer.get(name)
+        while producer is not None and producer.op_type in ("Transpose", "Reshape", "Identity"):
+            producer = g.producer.get(producer.input[0])
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            return True
+    return False
 
 
 def _risky(w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
@@ -270,8 +285,7 @@ def _rewrite(src: Path, target: str | None, kernel_only: bool = True) -> tuple[o
         match, why = _qdq(g, node)
         weight_name = g.producer[node.input[1]].input[0] if match else ""
         if match is None or weight_name not in kernels:
-            if match is None and g.producer.get(node.input[1] if len(node.input) > 1 else "") is not None \
-                    and g.producer[node.input[1]].op_type == "DequantizeLinear":
+            if match is None and _reads_quantized(g, node):
                 result.skipped[node.name] = why
             continue
         made = _matmul_correction(g, match) if node.op_type == "MatMul" else _conv_correction(g, match)

@@ -16,10 +16,11 @@ Example::
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 from quant.calibration import CalibrationSet
-from quant.emulate import emulate_model
+from quant.emulate import emulate_model, float_math_model
 from quant.io_utils import atomic_write_json
 from quant.models import LoadedModel
 from quant.ort_modules import open_session
@@ -48,7 +49,8 @@ def emulate_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pat
         src, dst = onnx_path(root, source, module), onnx_path(root, recipe, module)
         result = emulate_model(src, dst, target)
         reference = open_session(onnx_path(root, "onnx", module))
-        float_math = open_session(src, optimize=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            float_math = open_session(float_math_model(src, Path(tmp) / "float_math.onnx"), optimize=False)
         emulated = open_session(dst, optimize=False)
         quantization, kernel, _ = holdout_errors(reference, emulated, float_math, calibration.reader(module, "holdout"))
         entries[module] = {"nodes": result.nodes, "saturable_pairs": result.pairs, "not_emulated": result.skipped,
