@@ -35,14 +35,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from quant.models import DEFAULT_MODEL
+    from quant.pipeline.models import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name or checkpoint folder (default {DEFAULT_MODEL})")
     p.add_argument("--out", required=True, type=Path, help="run folder")
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
-    from quant.settings import GenerationSettings as G
+    from quant.pipeline.settings import GenerationSettings as G
 
     g = p.add_argument_group("generation settings")
     g.add_argument("--height", type=int, default=G.height)
@@ -63,21 +63,21 @@ def _model_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
 
 
 def _settings(args):
-    from quant.settings import GenerationSettings
+    from quant.pipeline.settings import GenerationSettings
 
     return GenerationSettings(**{k: getattr(args, k) for k in GenerationSettings.field_names() if hasattr(args, k)})
 
 
 def _prompts(args) -> list[str]:
-    from quant.prompts import DEFAULT_EVAL_PROMPTS, read_prompts
+    from quant.pipeline.prompts import DEFAULT_EVAL_PROMPTS, read_prompts
 
     return read_prompts(args.prompts or DEFAULT_EVAL_PROMPTS)
 
 
 def cmd_export(args) -> int:
-    from quant.export import ExportOptions
-    from quant.export_stage import export_pipeline
-    from quant.models import load_model
+    from quant.recipes.export import ExportOptions
+    from quant.stages.export import export_pipeline
+    from quant.pipeline.models import load_model
     from reports.console import parity_table
 
     settings, prompts = _settings(args), _prompts(args)
@@ -97,8 +97,8 @@ def cmd_export(args) -> int:
 
 def _psnr_against_reference(root: Path, variant: str, records) -> str | None:
     from metrics.psnr import CAP_DB, psnr_frames
-    from quant.generate import video_dir
-    from quant.video_io import load_frames
+    from quant.stages.generate import video_dir
+    from quant.pipeline.video_io import load_frames
     from reports.console import psnr_table
 
     reference_dir = video_dir(root, "torch")
@@ -113,11 +113,11 @@ def _psnr_against_reference(root: Path, variant: str, records) -> str | None:
 
 
 def cmd_generate(args) -> int:
-    from quant.generate import generate_variant, video_dir
-    from quant.models import load_model
-    from quant.modules import present_modules
-    from quant.prompts import parse_seeds
-    from quant.variants import parse_variant
+    from quant.stages.generate import generate_variant, video_dir
+    from quant.pipeline.models import load_model
+    from quant.pipeline.modules import present_modules
+    from quant.pipeline.prompts import parse_seeds
+    from quant.recipes.names import parse_variant
 
     settings, prompts, seeds = _settings(args), _prompts(args), parse_seeds(args.seeds)
     if args.fps < 1:
@@ -136,7 +136,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from quant.score_stage import score_folders, write_tables
+    from quant.stages.score import score_folders, write_tables
     from reports.console import score_table
 
     tables = score_folders(args.reference, args.candidate, variant=args.variant, luma=not args.no_luma)
@@ -150,9 +150,9 @@ def cmd_score(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from quant.calibration import DEFAULT_CALIBRATION_PROMPTS, CalibrationSpec, calibrate, load_calibration_prompts
-    from quant.models import load_model
-    from quant.prompts import DEFAULT_EVAL_PROMPTS, parse_seeds
+    from quant.stages.calibrate import DEFAULT_CALIBRATION_PROMPTS, CalibrationSpec, calibrate, load_calibration_prompts
+    from quant.pipeline.models import load_model
+    from quant.pipeline.prompts import DEFAULT_EVAL_PROMPTS, parse_seeds
 
     settings = _settings(args)
     prompts = load_calibration_prompts(args.prompts or DEFAULT_CALIBRATION_PROMPTS, args.eval_prompts or DEFAULT_EVAL_PROMPTS)
@@ -170,9 +170,9 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from quant.models import load_model
-    from quant.quantize import QuantizeOptions
-    from quant.quantize_stage import quantize_pipeline, report_path
+    from quant.pipeline.models import load_model
+    from quant.recipes.quantize import QuantizeOptions
+    from quant.stages.quantize import quantize_pipeline, report_path
     from reports.console import quantization_table
 
     settings = _settings(args)
@@ -188,7 +188,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from quant.audit import run_audit
+    from quant.audit.run import run_audit
     from quant.config import load_config
     from reports.console import verdict_lines
 
@@ -206,10 +206,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_sensitivity(args) -> int:
-    from quant.io_utils import atomic_write_text
-    from quant.models import load_model
-    from quant.quantize import QuantizeOptions
-    from quant.sensitivity import node_sensitivity, sensitivity_paths
+    from quant.support.files import atomic_write_text
+    from quant.pipeline.models import load_model
+    from quant.recipes.quantize import QuantizeOptions
+    from quant.stages.sensitivity import node_sensitivity, sensitivity_paths
     from reports.console import sensitivity_table
     from reports.plots import sensitivity_bars
 
@@ -224,7 +224,7 @@ def cmd_sensitivity(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from quant.audit import search_pipeline
+    from quant.audit.run import search_pipeline
     from quant.config import load_config
     from reports.console import inc_table, search_table
 

@@ -23,17 +23,18 @@ import tomli_w
 
 from quant.errors import UserError
 from quant.gates import Gate, METRIC_DIRECTIONS, parse_gate
-from quant.modules import MODULE_IO
-from quant.prompts import DEFAULT_EVAL_PROMPTS, PROMPTS_DIR
-from quant.quantize import METHODS as INT8_METHODS
-from quant.settings import GenerationSettings
-from quant.target import INT8_PATHS, check_emulation_target
-from quant.variants import FLOOR, INT8_RECIPES, KEEP_RECIPES, RECIPES, base_recipe, check_name, keep_recipe, split_target
+from quant.pipeline.modules import MODULE_IO
+from quant.pipeline.prompts import DEFAULT_EVAL_PROMPTS, PROMPTS_DIR
+from quant.recipes.records import QUANTIZERS, RECIPES as RECORDS
+from quant.pipeline.settings import GenerationSettings
+from quant.support.target import INT8_PATHS, check_emulation_target
+from quant.recipes.names import FLOOR, INT8_RECIPES, KEEP_RECIPES, RECIPES, base_recipe, check_name, keep_recipe, split_target
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "audit.toml"
-QUANT_RECIPES = ("fp16", "int8", "int8-dynamic", "inc-int8")
+QUANT_RECIPES = QUANTIZERS
+INT8_METHODS = tuple(dict.fromkeys(m for r in RECORDS.values() for m in r.methods))
 ACTIVATION_TYPES = ("int8", "uint8")
 
 
@@ -42,7 +43,7 @@ OBJECTIVES = ("coverage", "latency")
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """The ``[search]`` table: a mixed-precision search driven by the video gate (``quant.search``).
+    """The ``[search]`` table: a mixed-precision search driven by the video gate (``quant.audit.search``).
 
     Attributes:
         gates: the gate a mix must pass (default: the gates of variant ``recipe``).
@@ -91,7 +92,7 @@ class AuditConfig:
     int8_reduce_range: bool = False
     int8_activation_type: str = "int8"
     threads: int | None = None  # [runtime] threads: None = all usable cores
-    emulate: tuple[str, ...] = ()  # [runtime] emulate: int8 paths of other targets (quant.emulate)
+    emulate: tuple[str, ...] = ()  # [runtime] emulate: int8 paths of other targets (quant.recipes.emulate)
     floor: bool = True
     variants: tuple[str, ...] = ("onnx", "fp16", "int8", "int8-dynamic", "inc-int8", "mixed")
     attribution: bool = True
@@ -128,7 +129,7 @@ class AuditConfig:
 
     def variant(self, name: str, modules: list[str]):
         """The ``Variant`` called ``name`` on a pipeline with ``modules`` (``floor`` moves the noise)."""
-        from quant.variants import Variant
+        from quant.recipes.names import Variant
 
         return Variant(name, self.variant_modules(name, modules), noise_ulps=1 if name == FLOOR else 0)
 
@@ -139,7 +140,7 @@ class AuditConfig:
         """module -> recipe for variant ``name`` on a pipeline with ``modules``."""
         plain, target = split_target(name)
         if target is not None and plain in self.mixes:
-            from quant.variants import emulated
+            from quant.recipes.names import emulated
 
             return {m: emulated(r, target) for m, r in self.variant_modules(plain, modules).items()}
         if name in self.mixes:
@@ -148,7 +149,7 @@ class AuditConfig:
             if missing:
                 raise UserError(f"{self.source}: mixes.{name}: no recipe for module(s) {', '.join(missing)} of this model")
             return {m: mix[m] for m in modules}
-        from quant.variants import parse_variant
+        from quant.recipes.names import parse_variant
 
         return parse_variant(name, modules).modules
 
@@ -341,8 +342,9 @@ def _parse_search(reader: _Reader) -> SearchSettings:
     d = SearchSettings()
     enabled = reader.take("enabled", bool, d.enabled)
     recipe = reader.take("recipe", str, d.recipe)
-    if recipe not in ("int8", "int8-dynamic"):
-        raise reader.error("recipe", f"the search spreads int8 or int8-dynamic, got {recipe!r}")
+    spreadable = [n for n, r in RECORDS.items() if r.integer_kernels and r.keeps_nodes]
+    if recipe not in spreadable:
+        raise reader.error("recipe", f"the search spreads {' or '.join(spreadable)}, got {recipe!r}")
     fallback = reader.take("fallback", str, d.fallback)
     if fallback not in ("fp16", "onnx"):
         raise reader.error("fallback", f"a module falls back to fp16 or onnx (FP32), got {fallback!r}")
@@ -399,8 +401,9 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
     method = quant.take("int8_method", str, d.int8_method)
     if method not in INT8_METHODS:
         raise quant.error("int8_method", f"unknown method '{method}' (methods: {', '.join(INT8_METHODS)})")
-    if method == "percentile" and "inc-int8" in recipes:
-        raise quant.error("int8_method", "inc-int8 calibrates with minmax or entropy, not percentile")
+    for r in recipes:
+        if RECORDS[r].methods and method not in RECORDS[r].methods:
+            raise quant.error("int8_method", f"{r} calibrates with {' or '.join(RECORDS[r].methods)}, not {method}")
     reduce_range = quant.take("int8_reduce_range", bool, d.int8_reduce_range)
     activation_type = quant.take("int8_activation_type", str, d.int8_activation_type)
     if activation_type not in ACTIVATION_TYPES:

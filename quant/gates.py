@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from quant.errors import UserError
-from quant.io_utils import json_number
+from quant.support.files import json_number
 
 # metric -> +1 where higher is better, -1 where lower is better (columns of scores/summary.csv)
 METRIC_DIRECTIONS: dict[str, int] = {

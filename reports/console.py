@@ -63,7 +63,7 @@ def score_table(videos) -> str:
 
 def quantization_table(report: dict) -> str:
     """Per module: compute ops by precision, FP32-kept nodes, size, latency and SQNR against FP32."""
-    from quant.quant_report import precision_counts
+    from quant.recipes.census import precision_counts
 
     rows = []
     for module, m in report["modules"].items():
@@ -136,7 +136,7 @@ def history_tables(runs, rows, metric: str) -> str:
 
 
 def sensitivity_table(table, top: int = 20) -> str:
-    """The ``top`` most sensitive nodes of a ``quant.sensitivity`` ranking."""
+    """The ``top`` most sensitive nodes of a ``quant.stages.sensitivity`` ranking."""
     rows = [[str(r.rank), r.node, r.op_type, str(r.nodes), _num(r.activation_sqnr_db, ".1f"),
              _num(r.keep_fp32_sqnr_db, ".2f"), _num(r.gain_db, "+.3f")] for r in table.head(top).itertuples()]
     head = (f"{len(table)} quantized layers ({int(table['nodes'].sum())} nodes), ranked by the module-output SQNR "

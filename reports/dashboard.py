@@ -15,7 +15,7 @@ from pathlib import Path
 
 from markupsafe import Markup
 
-from quant.io_utils import atomic_write_text
+from quant.support.files import atomic_write_text
 from reports import history, plots
 from reports.html import environment
 

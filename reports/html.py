@@ -26,8 +26,8 @@ from markupsafe import Markup
 from PIL import Image
 
 from quant.errors import UserError
-from quant.io_utils import atomic_write_text
-from quant.quant_report import precision_counts
+from quant.support.files import atomic_write_text
+from quant.recipes.census import precision_counts
 from reports import plots
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -75,7 +75,7 @@ def side_by_side(reference: np.ndarray, candidate: np.ndarray, fps: int) -> str:
 
 
 def _playback(run_dir: Path, results: dict, variants: list[str]) -> list[dict]:
-    from quant.video_io import load_frames
+    from quant.pipeline.video_io import load_frames
 
     fps = results["config"]["variants"]["fps"]
     seed = results["seeds"][0]
@@ -105,7 +105,7 @@ def _quantization(run_dir: Path) -> list[dict]:
     for path in sorted((run_dir / "quantization").glob("*.json")):
         report = json.loads(path.read_text(encoding="utf-8"))
         for module, m in report.get("modules", {}).items():
-            if "census" not in m:  # an emulated recipe (quant.emulate_stage): SQNR and kernel SQNR only
+            if "census" not in m:  # an emulated recipe (quant.stages.emulate): SQNR and kernel SQNR only
                 rows.append({"recipe": report["recipe"], "module": module, "sqnr_min": m.get("sqnr_min_db"),
                              **dict.fromkeys(("int8", "fp16", "fp32", "size", "fp32_size", "latency", "fp32_latency")),
                              "kernel_sqnr": m.get("kernel_sqnr_db"), "kernel_identical": m.get("kernel_identical"),

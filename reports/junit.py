@@ -13,7 +13,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from quant.io_utils import atomic_write_bytes
+from quant.support.files import atomic_write_bytes
 
 
 def _gate_name(gate: dict) -> str:

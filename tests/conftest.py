@@ -17,10 +17,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-from quant.export import ExportOptions  # noqa: E402
-from quant.export_stage import ExportReport, export_pipeline  # noqa: E402
-from quant.models import LoadedModel, load_model  # noqa: E402
-from quant.settings import GenerationSettings  # noqa: E402
+from quant.recipes.export import ExportOptions  # noqa: E402
+from quant.stages.export import ExportReport, export_pipeline  # noqa: E402
+from quant.pipeline.models import LoadedModel, load_model  # noqa: E402
+from quant.pipeline.settings import GenerationSettings  # noqa: E402
 
 SMALL = GenerationSettings(height=32, width=32, num_frames=5, num_inference_steps=8)
 SMALL_ARGS = ["--height", "32", "--width", "32", "--frames", "5"]

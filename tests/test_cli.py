@@ -89,7 +89,7 @@ def test_corrupt_onnx_file_exits_2_naming_it(t2v_export, tmp_path, capsys, damag
 
 
 def test_parity_failure_exits_1_naming_the_module(tmp_path, capsys, monkeypatch):
-    import quant.export_stage as stage
+    import quant.stages.export as stage
 
     real_export = stage.export_module
 

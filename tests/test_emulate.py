@@ -12,11 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from metrics.tensor import sqnr_db
-from quant.emulate import emulate_model, float_math_model, kernel_weights
+from quant.recipes.emulate import emulate_model, float_math_model, kernel_weights
 from quant.errors import UserError
-from quant.ort_modules import open_session, run_session
-from quant.target import current_target, int8_path, set_threads
+from quant.pipeline.ort_modules import open_session, run_session
+from quant.support.target import current_target, int8_path, set_threads
 
 OUT_SCALE = 512.0  # a power of two: requantization rounds the same in the kernel and in float math
 

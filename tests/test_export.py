@@ -11,14 +11,14 @@ import torch
 from onnx import numpy_helper
 
 from conftest import PROMPTS, SMALL
-from quant.adapters import torch_module
-from quant.capture import SampleList, record_inputs
-from quant.export import ExportOptions
-from quant.export_stage import export_pipeline
-from quant.modules import MODULE_IO
-from quant.ort_modules import open_session, run_session
-from quant.parity import measure_parity
-from quant.pipeline import generate_video
+from quant.pipeline.torch_modules import torch_module
+from quant.pipeline.capture import SampleList, record_inputs
+from quant.recipes.export import ExportOptions
+from quant.stages.export import export_pipeline
+from quant.pipeline.modules import MODULE_IO
+from quant.pipeline.ort_modules import open_session, run_session
+from quant.recipes.parity import measure_parity
+from quant.pipeline.sampling import generate_video
 
 
 @pytest.mark.parametrize("which, modules", [

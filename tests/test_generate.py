@@ -12,14 +12,15 @@ from conftest import PROMPTS, SMALL, SMALL_ARGS
 from metrics.psnr import psnr_frames
 from quant.cli import main
 from quant.errors import UserError
-from quant.generate import generate_variant
-from quant.models import load_model
-from quant.modules import present_modules
-from quant.ort_modules import OrtModule, OrtTransformer
-from quant.pipeline import assemble, generate_video
-from quant.prompts import DEFAULT_EVAL_PROMPTS, read_prompts
-from quant.settings import GenerationSettings
-from quant.variants import parse_variant
+from quant.stages.generate import generate_variant
+from quant.pipeline.models import load_model
+from quant.pipeline.modules import present_modules
+from quant.pipeline.ort_modules import OrtModule, OrtTransformer
+from quant.pipeline.sampling import generate_video
+from quant.stages.generate import assemble
+from quant.pipeline.prompts import DEFAULT_EVAL_PROMPTS, read_prompts
+from quant.pipeline.settings import GenerationSettings
+from quant.recipes.names import parse_variant
 
 
 def test_reference_video_is_bit_identical_across_two_builds():

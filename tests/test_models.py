@@ -10,8 +10,8 @@ import torch
 
 from conftest import PROMPTS, SMALL
 from quant.errors import UserError
-from quant.models import MIN_NORM_CHANNELS, fingerprint, load_model
-from quant.pipeline import generate_video
+from quant.pipeline.models import MIN_NORM_CHANNELS, fingerprint, load_model
+from quant.pipeline.sampling import generate_video
 
 
 def test_t2v_tiny_has_the_a14b_shape(t2v):
@@ -53,7 +53,7 @@ def test_save_pretrained_round_trip(name, tmp_path):
     The contract, stated: diffusers leaves loaded weights as views into the safetensors memory
     map at offsets that are not 64-byte aligned; on an AVX-512 machine that made the reloaded
     pipeline differ from the built-in one by one level in 0.0065% of pixels. Loading now copies
-    them into aligned memory (``quant.models._own_aligned_memory``), asserted below on any CPU.
+    them into aligned memory (``quant.pipeline.models._own_aligned_memory``), asserted below on any CPU.
     The frames were identical on the AVX2 machine this was written on; the bound (at most one
     level, in under 0.1% of pixels) is what this test holds any CPU to.
     """
@@ -73,10 +73,10 @@ def test_save_pretrained_round_trip(name, tmp_path):
 
 _REFERENCE_HASH = """
 import hashlib, sys
-from quant.models import load_model
-from quant.pipeline import generate_video
-from quant.settings import GenerationSettings
-from quant.target import set_threads
+from quant.pipeline.models import load_model
+from quant.pipeline.sampling import generate_video
+from quant.pipeline.settings import GenerationSettings
+from quant.support.target import set_threads
 set_threads(int(sys.argv[1]))
 video = generate_video(load_model("wan2.2-t2v-tiny").pipe, sys.argv[2], 0, GenerationSettings(height=32, width=32, num_frames=5))
 print(hashlib.sha256(video.frames.tobytes()).hexdigest())

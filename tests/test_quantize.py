@@ -12,18 +12,19 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import SMALL, SMALL_ARGS
-from quant.calibration import (DEFAULT_CALIBRATION_PROMPTS, MIN_CALIBRATION_PROMPTS, CalibrationSpec, NpzCalibrationReader,
+from quant.stages.calibrate import (DEFAULT_CALIBRATION_PROMPTS, MIN_CALIBRATION_PROMPTS, CalibrationSpec, NpzCalibrationReader,
                                calibrate, check_disjoint, load_calibration_prompts)
 from quant.cli import main
 from quant.errors import UserError
-from quant.modules import present_modules
-from quant.ort_modules import open_session, run_session
-from quant.pipeline import assemble, generate_video
-from quant.prompts import DEFAULT_EVAL_PROMPTS, read_prompts
-from quant.quant_report import precision_census
-from quant.quantize import QuantizeOptions, quantize
-from quant.quantize_stage import quantize_pipeline
-from quant.variants import parse_variant
+from quant.pipeline.modules import present_modules
+from quant.pipeline.ort_modules import open_session, run_session
+from quant.pipeline.sampling import generate_video
+from quant.stages.generate import assemble
+from quant.pipeline.prompts import DEFAULT_EVAL_PROMPTS, read_prompts
+from quant.recipes.census import precision_census
+from quant.recipes.quantize import QuantizeOptions, quantize
+from quant.stages.quantize import quantize_pipeline
+from quant.recipes.names import parse_variant
 
 RECIPES = ("fp16", "int8", "int8-dynamic", "inc-int8")
 CAL_PROMPTS = tuple(read_prompts(DEFAULT_CALIBRATION_PROMPTS))
@@ -96,7 +97,7 @@ def test_calibration_cache_is_reused_and_recomputed_when_stale(t2v, tmp_path):
 
 
 def test_spread_covers_every_call_position():
-    from quant.calibration import spread_indices
+    from quant.stages.calibrate import spread_indices
 
     chosen = spread_indices(10, 20, 16)  # 10 calls per generation, 20 generations, 16 samples
     assert len(chosen) == 16 and {i % 10 for i in chosen} == set(range(10))
@@ -271,7 +272,7 @@ def test_calibrate_command_reports_and_reuses(t2v_export, tmp_path, capsys):
 
 @pytest.mark.parametrize("which", ["t2v_quant", "ti2v_quant"])
 def test_inc_int8_graphs_are_qdq_and_leave_the_model_untouched(request, which):
-    from quant.models import fingerprint
+    from quant.pipeline.models import fingerprint
 
     quant = request.getfixturevalue(which)
     assert fingerprint(quant.model.pipe) == quant.model.fingerprint  # PT2E worked on a copy of the graph

@@ -187,8 +187,8 @@ def test_run_writes_the_design_run_files(audited):
 def test_same_config_reproduces_bit_identical_reference_videos(audited, t2v):
     """A generation in this process (another model build, another process than the run) gives the
     reference video the run recorded, byte for byte: same seed and config, same frames."""
-    from quant.pipeline import generate_video
-    from quant.settings import GenerationSettings
+    from quant.pipeline.sampling import generate_video
+    from quant.pipeline.settings import GenerationSettings
 
     manifest = json.loads((audited.run_dir / "videos" / "torch" / "manifest.json").read_text())
     hashes = {v["file"]: v["frames_sha256"] for v in manifest["videos"]}
@@ -274,7 +274,7 @@ def test_bad_run_input_is_exit_2(audited, folder, capsys, extra, message):
 
 def test_nan_in_a_module_output_fails_that_variant_not_the_run(audited, folder, monkeypatch, capsys):
     """transformer_2 of fp16 returns Inf: the variant fails its finite gate naming the module."""
-    import quant.ort_modules as om
+    import quant.pipeline.ort_modules as om
 
     real = om.run_session
 

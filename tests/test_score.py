@@ -10,9 +10,9 @@ import pytest
 
 from conftest import PROMPTS, SMALL
 from quant.cli import main
-from quant.generate import generate_variant
-from quant.modules import present_modules
-from quant.variants import parse_variant
+from quant.stages.generate import generate_variant
+from quant.pipeline.modules import present_modules
+from quant.recipes.names import parse_variant
 
 rng = np.random.default_rng(7)
 

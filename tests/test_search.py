@@ -172,7 +172,7 @@ class _Stub:
         return {"m": len(moves)}, {}
 
     def verify(self, index, modules, keep):
-        from quant.search import Candidate
+        from quant.audit.search import Candidate
 
         self.calls += 1
         passed = index >= self.k
@@ -183,7 +183,7 @@ class _Stub:
 
 @pytest.mark.parametrize("k", [0, 1, 17, 63, 64])
 def test_bisection_finds_the_first_passing_candidate_in_log_steps(k):
-    from quant.search import _bisect
+    from quant.audit.search import _bisect
 
     stub = _Stub(k, 64)
     assert _bisect(stub, list(range(64))).index == k
@@ -191,7 +191,7 @@ def test_bisection_finds_the_first_passing_candidate_in_log_steps(k):
 
 
 def test_bisection_refuses_when_even_the_fallback_fails():
-    from quant.search import SearchFailed, _bisect
+    from quant.audit.search import SearchFailed, _bisect
 
     stub = _Stub(65, 64)
     with pytest.raises(SearchFailed, match="no mix can pass psnr_mean >= 30"):

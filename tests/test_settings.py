@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from quant.errors import UserError
-from quant.settings import GenerationSettings
+from quant.pipeline.settings import GenerationSettings
 
 
 @pytest.mark.parametrize("kwargs, message", [

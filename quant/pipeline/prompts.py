@@ -12,7 +12,7 @@ from pathlib import Path
 
 from quant.errors import UserError
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "calibration_data" / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "calibration_data" / "prompts"
 DEFAULT_EVAL_PROMPTS = PROMPTS_DIR / "eval.txt"
 MAX_SEED = 2**63 - 1
 

@@ -15,20 +15,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quant.adapters import torch_module
-from quant.calibration import CalibrationSet, open_calibration
-from quant.environment import versions
+from quant.pipeline.torch_modules import torch_module
+from quant.stages.calibrate import CalibrationSet, open_calibration
+from quant.support.environment import versions
 from quant.errors import UserError
-from quant.io_utils import atomic_write_json
-from quant.models import LoadedModel
-from quant.modules import MODULE_IO, check_module_name, present_modules
-from quant.pipeline import check_onnx_folder, previous_modules, shape_key, write_onnx_manifest
-from quant.progress import progress
-from quant.quant_report import module_report
-from quant.quantize import QuantizeOptions, quantize
-from quant.settings import GenerationSettings
-from quant.target import current_target
-from quant.variants import base_recipe, check_recipe, onnx_path
+from quant.support.files import atomic_write_json
+from quant.pipeline.models import LoadedModel
+from quant.pipeline.modules import MODULE_IO, check_module_name, present_modules
+from quant.pipeline.settings import shape_key
+from quant.recipes.manifest import check_onnx_folder, previous_modules, write_onnx_manifest
+from quant.support.progress import progress
+from quant.recipes.census import module_report
+from quant.recipes.quantize import QuantizeOptions, quantize
+from quant.recipes.records import record
+from quant.pipeline.settings import GenerationSettings
+from quant.support.target import current_target
+from quant.recipes.names import base_recipe, check_recipe, onnx_path
 
 SCHEMA_VERSION = 3  # 3: kernel_sqnr_db, the target and options per module; 2: frame shape, other modules kept
 
@@ -46,7 +48,7 @@ def quantize_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pa
     quantize module by module do not re-hash every sample each time.
     """
     check_recipe(recipe)
-    if base_recipe(recipe) in ("torch", "onnx"):
+    if not record(recipe).quantizes:
         raise UserError(f"recipe '{recipe}' is not a quantization recipe (use fp16, int8, int8-dynamic, inc-int8)")
     root = Path(root)
     check_onnx_folder(root, "onnx", model, settings)

@@ -22,16 +22,19 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quant.progress import progress
+from quant.support.progress import progress
 
-from quant.environment import versions
-from quant.io_utils import atomic_write_json
-from quant.models import LoadedModel
-from quant.pipeline import assemble, generate_video, nonfinite_counts
-from quant.prompts import prompt_id
-from quant.settings import GenerationSettings
-from quant.variants import Variant
-from quant.video_io import LATENTS_DIR, load_frames, save_npz, save_trajectory, save_webp
+from quant.support.environment import versions
+from quant.support.files import atomic_write_json
+from quant.pipeline.models import LoadedModel
+from quant.pipeline.ort_modules import STAND_INS, open_session
+from quant.pipeline.sampling import generate_video
+from quant.recipes.manifest import MANIFEST, check_onnx_folder
+from quant.errors import UserError
+from quant.pipeline.prompts import prompt_id
+from quant.pipeline.settings import GenerationSettings
+from quant.recipes.names import Variant, onnx_path, split_target
+from quant.pipeline.video_io import LATENTS_DIR, load_frames, save_npz, save_trajectory, save_webp
 
 SCHEMA_VERSION = 2  # 2: key, and the modules whose outputs held NaN/Inf per video
 
@@ -90,6 +93,42 @@ def _finished(folder: Path, key: str | None) -> dict[tuple[str, int], VideoRecor
         if hashlib.sha256(frames.tobytes()).hexdigest() == record.frames_sha256:
             done[(record.prompt, record.seed)] = record
     return done
+
+
+def _stand_in(model: LoadedModel, module: str, recipe: str, path: Path, manifest: dict):
+    if module not in manifest.get("modules", {}):
+        raise UserError(f"{path.parent / MANIFEST}: no '{module}' model listed; export or quantize it first")
+    original = model.pipe.vae if module == "vae_decoder" else getattr(model.pipe, module)
+    emulated = split_target(recipe)[1] is not None  # an emulation is float math: never fused by ORT
+    return STAND_INS[module](open_session(path, optimize=not emulated), original.config, str(path))
+
+
+def assemble(model: LoadedModel, variant: Variant, root: Path, settings: GenerationSettings):
+    """A ``WanPipeline`` running ``variant``: PyTorch modules where the recipe is ``torch``,
+    ONNX stand-ins from ``<root>/onnx/...`` elsewhere."""
+    from diffusers import WanPipeline
+
+    ref = model.pipe
+    parts = {"text_encoder": ref.text_encoder, "transformer": ref.transformer,
+             "transformer_2": ref.transformer_2, "vae_decoder": ref.vae}
+    manifests = {r: check_onnx_folder(root, r, model, settings) for r in sorted(set(variant.onnx_modules.values()))}
+    for module, recipe in variant.onnx_modules.items():
+        parts[module] = _stand_in(model, module, recipe, onnx_path(root, recipe, module), manifests[recipe])
+    pipe = WanPipeline(
+        tokenizer=ref.tokenizer, text_encoder=parts["text_encoder"], vae=parts["vae_decoder"],
+        scheduler=ref.scheduler.__class__.from_config(ref.scheduler.config),
+        transformer=parts["transformer"], transformer_2=parts["transformer_2"],
+        boundary_ratio=ref.config.boundary_ratio, expand_timesteps=ref.config.expand_timesteps,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def nonfinite_counts(pipe) -> dict[str, int]:
+    """module -> calls so far whose output held NaN/Inf, for the ONNX stand-ins in ``pipe``."""
+    parts = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer,
+             "transformer_2": pipe.transformer_2, "vae_decoder": pipe.vae}
+    return {m: part.nonfinite_calls for m, part in parts.items() if hasattr(part, "nonfinite_calls")}
 
 
 def generate_variant(model: LoadedModel, variant: Variant, prompts: list[str], seeds: list[int],

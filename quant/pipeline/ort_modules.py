@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 from quant.errors import UserError, first_line
-from quant.target import ort_threads
+from quant.support.target import ort_threads
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -36,7 +36,7 @@ def open_session(path: Path, threads: int | None = None, optimize: bool = True) 
     """An ``InferenceSession`` on the CPU for ``path``.
 
     Args:
-        threads: intra-op threads (default: ``quant.target.ort_threads()``, the recorded count).
+        threads: intra-op threads (default: ``quant.support.target.ort_threads()``, the recorded count).
         optimize: ``False`` disables every graph optimization, so a QDQ graph runs as the float
             math of its QuantizeLinear/DequantizeLinear nodes instead of fused integer kernels
             (the reference of ``kernel_sqnr_db``, and how emulated graphs run).

@@ -35,22 +35,23 @@ import numpy as np
 import onnx
 import pandas as pd
 
-from quant.calibration import open_calibration
-from quant.environment import versions
+from quant.stages.calibrate import open_calibration
+from quant.support.environment import versions
 from quant.errors import UserError
-from quant.export import save_model
-from quant.io_utils import atomic_path, atomic_write_json, json_number
-from quant.models import LoadedModel
-from quant.modules import MODULE_IO
-from quant.ort_modules import open_session, run_session
-from quant.progress import progress
-from quant.quant_report import precision_census
-from quant.quantize import QuantizeOptions, preprocess, quantize
-from quant.variants import onnx_path
+from quant.recipes.export import save_model
+from quant.support.files import atomic_path, atomic_write_json, json_number
+from quant.pipeline.models import LoadedModel
+from quant.pipeline.modules import MODULE_IO
+from quant.pipeline.ort_modules import open_session, run_session
+from quant.support.progress import progress
+from quant.recipes.census import precision_census
+from quant.recipes.int8 import preprocess
+from quant.recipes.quantize import QuantizeOptions, quantize
+from quant.recipes.records import KEEPERS, RECIPES
+from quant.recipes.names import onnx_path
 from metrics.tensor import sqnr_db
 
 SCHEMA_VERSION = 2  # 2: ranked per layer (nodes sharing a weight), with a members column
-RECIPES = ("int8", "int8-dynamic", "fp16")  # recipes whose handlers can exclude single nodes
 METHOD = ("keep-one-in-FP32: module-output SQNR against FP32 with only this node excluded, minus the fully "
           "quantized module's; activation SQNR: the node's output in the fully quantized module against FP32")
 
@@ -131,8 +132,8 @@ def node_sensitivity(model: LoadedModel, root: Path, module: str, recipe: str = 
     Raises:
         UserError: a recipe that cannot exclude single nodes, or no export/calibration under ``root``.
     """
-    if recipe not in RECIPES:
-        raise UserError(f"sensitivity: recipe '{recipe}' cannot keep single nodes in FP32 (recipes: {', '.join(RECIPES)})")
+    if recipe not in KEEPERS:
+        raise UserError(f"sensitivity: recipe '{recipe}' cannot keep single nodes in FP32 (recipes: {', '.join(KEEPERS)})")
     root = Path(root)
     src = onnx_path(root, "onnx", module)
     if not src.is_file():
@@ -146,7 +147,7 @@ def node_sensitivity(model: LoadedModel, root: Path, module: str, recipe: str = 
     with tempfile.TemporaryDirectory(prefix="qa-sens-") as tmp_name:
         tmp = Path(tmp_name)
         source, cached = src, options
-        if recipe == "int8":  # pre-process and calibrate once; every candidate reuses both
+        if RECIPES[recipe].shares_calibration:  # pre-process and calibrate once; every candidate reuses both
             source, _ = preprocess(src, tmp)
             cached = QuantizeOptions(**{**options.__dict__, "calibration_cache": str(tmp / "ranges.json"),
                                         "preprocessed": True})

@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from quant.io_utils import atomic_write_json
+from quant.support.files import atomic_write_json
 
 SCHEMA_VERSION = 1
 

@@ -1,7 +1,7 @@
 """`quant-audit run`: export -> calibrate -> quantize -> generate -> score -> gates -> report -> history.
 
 Work is shared between the runs of one model in ``<out>``: models, calibration, videos and
-score tables live in ``<out>/work/<fingerprint>/``, and ``quant.ledger`` keys every stage by
+score tables live in ``<out>/work/<fingerprint>/``, and ``quant.stages.ledger`` keys every stage by
 what produced it, so a rerun (after a kill, or a new run of an unchanged model) reuses every
 finished stage and redoes only what changed. A run folder ``<out>/<run_id>/`` holds what
 DESIGN.md lists: ``config.toml``, ``results.json``, ``scores/``, ``junit.xml``, ``report.html``,
@@ -30,30 +30,30 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from quant.calibration import CalibrationSpec, calibrate, load_calibration_prompts
+from quant.stages.calibrate import CalibrationSpec, calibrate, load_calibration_prompts
 from quant.config import AuditConfig
-from quant.environment import versions
-from quant.errors import UserError
-from quant.export import ExportOptions
-from quant.export_stage import export_pipeline
+from quant.support.environment import versions
+from quant.recipes.export import ExportOptions
+from quant.stages.export import export_pipeline
 from quant.gates import Baseline, GateResult, check_gates, check_regression, mark_noise_floor
-from quant.generate import VideoRecord, generate_variant, video_dir
-from quant.io_utils import atomic_path, atomic_write_json, atomic_write_text, json_number
-from quant.ledger import Ledger, stage_key
-from quant.models import LoadedModel, load_model
-from quant.modules import present_modules
-from quant.pipeline import shape_key
-from quant.progress import progress
-from quant.prompts import prompt_id, read_prompts
-from quant.quantize import QuantizeOptions
-from quant.quantize_stage import quantize_pipeline, report_path
-from quant.score_stage import score_folders, table_paths, write_tables
-from quant.target import Target, current_target, set_threads
-from quant.variants import FLOOR, Variant, base_recipe, onnx_dir, onnx_path, split_target
+from quant.stages.generate import VideoRecord, generate_variant, video_dir
+from quant.support.files import atomic_path, atomic_write_json, atomic_write_text, json_number
+from quant.stages.ledger import Ledger, stage_key
+from quant.pipeline.models import LoadedModel, load_model
+from quant.pipeline.modules import present_modules
+from quant.pipeline.settings import shape_key
+from quant.support.progress import progress
+from quant.pipeline.prompts import prompt_id, read_prompts
+from quant.recipes.quantize import QuantizeOptions
+from quant.recipes.records import record
+from quant.stages.quantize import quantize_pipeline, report_path
+from quant.stages.score import score_folders, table_paths, write_tables
+from quant.support.target import Target, current_target, set_threads
+from quant.recipes.names import FLOOR, Variant, base_recipe, onnx_dir, onnx_path, split_target
 
 SCHEMA_VERSION = 2  # 2: target block, floor, emulated variants, kernel findings
 RUN_FILE = "run.json"
-EMULATION_VERSION = 2  # bump when quant.emulate's rewrite changes: emulated models are redone
+EMULATION_VERSION = 2  # bump when quant.recipes.emulate's rewrite changes: emulated models are redone
 
 
 @dataclass
@@ -186,11 +186,10 @@ class Audit:
 
     def quantize_options(self, recipe: str, keep: tuple[str, ...] = (), cache: str | None = None) -> QuantizeOptions:
         """The options ``recipe`` quantizes with under this config (method, reduce_range, activation type)."""
-        base = base_recipe(recipe)
-        method = self.config.int8_method if base in ("int8", "inc-int8") else "minmax"
-        return QuantizeOptions(method=method, nodes_to_exclude=keep, calibration_cache=cache,
-                               reduce_range=self.config.int8_reduce_range and base in ("int8", "int8-dynamic"),
-                               activation_type=self.config.int8_activation_type if base == "int8" else "int8")
+        r = record(recipe)
+        return QuantizeOptions(method=self.config.int8_method if r.methods else "minmax", nodes_to_exclude=keep,
+                               calibration_cache=cache, reduce_range=self.config.int8_reduce_range and r.reduce_range,
+                               activation_type=self.config.int8_activation_type if r.activation_type else "int8")
 
     def quantize(self, variants: list[Variant] | None = None, label: str = "quantize") -> None:
         """Quantize every (recipe, module) the variants use; ``<recipe>+keep-<tag>`` keeps its nodes FP32,
@@ -201,7 +200,7 @@ class Audit:
         for recipe, module in progress(jobs, label, "model", self.show):
             keep = self.keep_fp32.get(recipe, ())
             cache = None
-            if keep and base_recipe(recipe) == "int8":  # mixes of one module share one calibration (range cache)
+            if keep and record(recipe).shares_calibration:  # mixes of one module share one range cache
                 cache = str(self.work / "calibration" / f"ranges.{module}.{self.config.int8_method}."
                             f"{self.keys[f'export:{module}']}.json")
             options = self.quantize_options(recipe, keep, cache)
@@ -215,8 +214,8 @@ class Audit:
         self.emulate([(r, m) for r, m in used if split_target(r)[1] is not None])
 
     def emulate(self, jobs: list[tuple[str, str]]) -> None:
-        """``<recipe>~<target>`` models rewritten from ``<recipe>``'s (``quant.emulate_stage``)."""
-        from quant.emulate_stage import emulate_pipeline
+        """``<recipe>~<target>`` models rewritten from ``<recipe>``'s (``quant.stages.emulate``)."""
+        from quant.stages.emulate import emulate_pipeline
 
         for recipe, module in progress(jobs, "emulate", "model", self.show and bool(jobs)):
             source = split_target(recipe)[0]
@@ -267,8 +266,8 @@ class Audit:
         return {k: pd.concat(v, ignore_index=True) for k, v in parts.items() if v}
 
     def sensitivity(self, modules, recipe: str) -> dict[str, pd.DataFrame]:
-        """Per-node sensitivity of ``modules`` to ``recipe`` (``quant.sensitivity``), a stage each."""
-        from quant.sensitivity import SCHEMA_VERSION, node_sensitivity, read_sensitivity
+        """Per-node sensitivity of ``modules`` to ``recipe`` (``quant.stages.sensitivity``), a stage each."""
+        from quant.stages.sensitivity import SCHEMA_VERSION, node_sensitivity, read_sensitivity
 
         out = {}
         for module in modules:
@@ -285,8 +284,8 @@ class Audit:
 
     def nonfinite(self, variant: str) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for record in self.records[variant]:
-            for module, calls in record.nonfinite_modules.items():
+        for video in self.records[variant]:
+            for module, calls in video.nonfinite_modules.items():
                 counts[module] = counts.get(module, 0) + calls
         frames = sum(r.nonfinite for r in self.records[variant])
         if frames and not counts:
@@ -487,7 +486,7 @@ def _analyses(audit: Audit) -> dict:
     A found mix joins the run's variants (generated, scored and gated like the others); a
     search that cannot pass becomes a failing ``search`` gate, not a crash.
     """
-    from quant.search import SearchFailed, run_search, search_summary
+    from quant.audit.search import SearchFailed, run_search, search_summary
 
     out: dict = {}
     config = audit.config
@@ -579,7 +578,7 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
 
 def search_pipeline(config: AuditConfig, out: Path, objective: str | None = None, inc_compare: str | None = None,
                     show_progress: bool = True):
-    """`quant-audit search`: export and calibrate (reusing finished stages), then ``quant.search``.
+    """`quant-audit search`: export and calibrate (reusing finished stages), then ``quant.audit.search``.
 
     Raises:
         UserError: bad configuration or model. SearchFailed: no mix can pass the gate.
@@ -587,7 +586,7 @@ def search_pipeline(config: AuditConfig, out: Path, objective: str | None = None
     from dataclasses import replace
 
     from quant.config import SearchSettings
-    from quant.search import run_search
+    from quant.audit.search import run_search
 
     settings = config.search or SearchSettings()
     if objective:

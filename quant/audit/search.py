@@ -2,7 +2,7 @@
 
 1. **Attribution**: ``<recipe>@<module>`` videos say how much each module's quantization costs.
 2. **Sensitivity**: per module, its quantized nodes ranked by keep-one-in-FP32 gain
-   (``quant.sensitivity``).
+   (``quant.stages.sensitivity``).
 3. **Moves**, in that order: for the costliest module first, keep its most sensitive nodes in
    FP32 one by one (only nodes whose gain is positive), then fall back to ``fallback`` for the
    whole module; then the next module. Applying the first ``i`` moves to the all-``recipe``
@@ -36,11 +36,11 @@ import tomli_w
 from quant.config import SearchSettings
 from quant.errors import CheckFailed, UserError
 from quant.gates import Gate, check_gates
-from quant.io_utils import atomic_path, atomic_write_json, atomic_write_text, json_number
-from quant.ledger import stage_key
-from quant.ort_modules import open_session
-from quant.quant_report import latency_ms, precision_census, precision_counts
-from quant.variants import Variant, base_recipe, keep_recipe, onnx_path
+from quant.support.files import atomic_path, atomic_write_json, atomic_write_text, json_number
+from quant.stages.ledger import stage_key
+from quant.pipeline.ort_modules import open_session
+from quant.recipes.census import latency_ms, precision_census, precision_counts
+from quant.recipes.names import Variant, base_recipe, keep_recipe, onnx_path
 
 SCHEMA_VERSION = 1
 
@@ -218,8 +218,8 @@ def _bisect(search: Search, moves: list) -> Candidate:
 
 def compare_with_inc(search: Search, chosen: Candidate, module: str) -> dict:
     """Our chosen recipe for ``module`` and INC's ``autotune`` on it, each scored with only that
-    module quantized (``quant.inc_tune``)."""
-    from quant.inc_tune import inc_autotune
+    module quantized (``quant.audit.inc_compare``)."""
+    from quant.audit.inc_compare import inc_autotune
 
     if module not in search.modules:
         raise UserError(f"search: inc_compare: this model has no '{module}'")

@@ -41,8 +41,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quant.export import save_model
-from quant.target import check_emulation_target
+from quant.recipes.export import save_model
+from quant.support.target import check_emulation_target
 
 KERNEL_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger",
               "ConvInteger", "NhwcQLinearConv")
@@ -300,7 +300,7 @@ def _rewrite(src: Path, target: str | None, kernel_only: bool = True) -> tuple[o
 
 
 def _sort(graph: onnx.GraphProto) -> None:
-    from quant.quantize import _sort_topologically
+    from quant.recipes.quantize import _sort_topologically  # noqa: F811
 
     _sort_topologically(graph)
 

@@ -82,3 +82,13 @@ class GenerationSettings:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+# Exported graphs have static shapes in these settings (latent T/H/W, text length).
+SHAPE_SETTINGS = ("height", "width", "num_frames", "max_sequence_length")
+
+
+def shape_key(settings: GenerationSettings | dict) -> dict:
+    """The settings an exported graph's static shapes depend on."""
+    get = settings.get if isinstance(settings, dict) else lambda k: getattr(settings, k)
+    return {k: get(k) for k in SHAPE_SETTINGS}

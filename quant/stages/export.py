@@ -1,8 +1,8 @@
 """The export stage: capture real inputs, export every module, prove parity, write the record.
 
-1. Generate with the FP32 PyTorch pipeline and record each module's inputs (``quant.capture``).
-2. Export each module to ``<out>/onnx/fp32/<module>.onnx`` (``quant.export``).
-3. Compare each ONNX module with its PyTorch module on the recorded inputs (``quant.parity``);
+1. Generate with the FP32 PyTorch pipeline and record each module's inputs (``quant.pipeline.capture``).
+2. Export each module to ``<out>/onnx/fp32/<module>.onnx`` (``quant.recipes.export``).
+3. Compare each ONNX module with its PyTorch module on the recorded inputs (``quant.recipes.parity``);
    with ``simplify``, simplify and keep the result only if parity still holds.
 4. Write ``<out>/parity.json`` and ``<out>/onnx/fp32/manifest.json`` (model fingerprint and
    shape, so later stages refuse models from another model or size).
@@ -18,19 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quant.adapters import torch_module
-from quant.capture import Sample, SampleList, record_inputs
-from quant.environment import versions
-from quant.export import ExportOptions, ExportRecord, batch_of_two, export_module, onnx_size_bytes, simplify_onnx
-from quant.io_utils import atomic_write_json
-from quant.models import LoadedModel
-from quant.modules import check_module_name, present_modules
-from quant.ort_modules import open_session
-from quant.parity import PARITY_THRESHOLD, Parity, measure_parity
-from quant.progress import progress
-from quant.pipeline import generate_video, previous_modules, shape_key, write_onnx_manifest
-from quant.settings import GenerationSettings
-from quant.variants import onnx_path
+from quant.pipeline.torch_modules import torch_module
+from quant.pipeline.capture import Sample, SampleList, record_inputs
+from quant.support.environment import versions
+from quant.recipes.export import ExportOptions, ExportRecord, batch_of_two, export_module, onnx_size_bytes, simplify_onnx
+from quant.support.files import atomic_write_json
+from quant.pipeline.models import LoadedModel
+from quant.pipeline.modules import check_module_name, present_modules
+from quant.pipeline.ort_modules import open_session
+from quant.recipes.parity import PARITY_THRESHOLD, Parity, measure_parity
+from quant.support.progress import progress
+from quant.pipeline.sampling import generate_video
+from quant.pipeline.settings import shape_key
+from quant.recipes.manifest import previous_modules, write_onnx_manifest
+from quant.pipeline.settings import GenerationSettings
+from quant.recipes.names import onnx_path
 
 SCHEMA_VERSION = 1
 PARITY_SAMPLES = 4

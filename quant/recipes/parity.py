@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from quant.modules import MODULE_IO
-from quant.ort_modules import run_session
+from quant.pipeline.modules import MODULE_IO
+from quant.pipeline.ort_modules import run_session
 
 PARITY_THRESHOLD = 1e-4
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from quant.progress import progress
+from quant.support.progress import progress
 
 from metrics.scores import latent_rows, metric_parameters, score_video, summarize
 from quant.errors import UserError
-from quant.io_utils import atomic_path, atomic_write_json
-from quant.video_io import LATENTS_DIR, VIDEO_SUFFIXES, load_trajectory, read_video
+from quant.support.files import atomic_path, atomic_write_json
+from quant.pipeline.video_io import LATENTS_DIR, VIDEO_SUFFIXES, load_trajectory, read_video
 
 _NAME = re.compile(r"^(?P<prompt>p\d+)_s(?P<seed>\d+)$")
 

@@ -1,7 +1,7 @@
 """Calibration: each module's real inputs across the denoising steps, cached on disk.
 
 The FP32 PyTorch pipeline generates every calibration (prompt, seed); each module's calls are
-recorded (``quant.capture``) and ``samples_per_module`` of them, spread evenly over the module's
+recorded (``quant.pipeline.capture``) and ``samples_per_module`` of them, spread evenly over the module's
 calls, are written as ``.npz`` files (``allow_pickle=False``). A DiT's activations move with the
 timestep, so evenly spread calls cover the range; the high-noise ``transformer`` only ever sees
 t >= boundary and ``transformer_2`` only t < boundary, so each expert is calibrated on its own
@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from quant.capture import Sample, record_inputs
+from quant.pipeline.capture import Sample, record_inputs
 from quant.errors import UserError
-from quant.io_utils import atomic_path, atomic_write_json, sha256_file
-from quant.models import LoadedModel
-from quant.modules import present_modules
-from quant.pipeline import expert_for, generate_video
-from quant.progress import progress
-from quant.prompts import PROMPTS_DIR, read_prompts
-from quant.settings import GenerationSettings
+from quant.support.files import atomic_path, atomic_write_json, sha256_file
+from quant.pipeline.models import LoadedModel
+from quant.pipeline.modules import present_modules
+from quant.pipeline.sampling import expert_for, generate_video
+from quant.support.progress import progress
+from quant.pipeline.prompts import PROMPTS_DIR, read_prompts
+from quant.pipeline.settings import GenerationSettings
 
 SCHEMA_VERSION = 2  # 2: samples stratified over call positions (spread_indices)
 DEFAULT_CALIBRATION_PROMPTS = PROMPTS_DIR / "calibration.txt"

@@ -9,7 +9,7 @@
 - SQNR: of the module's output against the FP32 ONNX module's, over the held-back samples.
 - Kernel SQNR (``kernel_sqnr_db``): the deployed graph (ONNX Runtime with every optimization, i.e.
   fused integer kernels) against its own float math (the same graph unoptimized, integer ops
-  in float64; ``quant.emulate.float_math_model``), on the same samples. It separates what the
+  in float64; ``quant.recipes.emulate.float_math_model``), on the same samples. It separates what the
   kernels of this target lose from what quantization itself loses (``kernel_finding``).
 
 Example::
@@ -31,8 +31,8 @@ import onnx
 from onnx import TensorProto
 
 from metrics.tensor import sqnr_db
-from quant.export import onnx_size_bytes
-from quant.ort_modules import open_session, run_session
+from quant.recipes.export import onnx_size_bytes
+from quant.pipeline.ort_modules import open_session, run_session
 
 COMPUTE_OPS = ("MatMul", "Conv", "Gemm", "ConvTranspose")
 INTEGER_OPS = {"MatMulInteger": "MatMul", "ConvInteger": "Conv", "DynamicQuantizeMatMul": "MatMul",
@@ -125,9 +125,9 @@ def kernel_finding(recipe: str, kernel_db: float | None, quantization_db: float 
     the kernels lose accuracy the quantization itself does not (with the likely cause and remedy);
     ``ok``; ``n/a`` for recipes without integer kernels (fp16) or without a number.
     """
-    from quant.variants import INT8_RECIPES, base_recipe
+    from quant.recipes.records import record
 
-    if base_recipe(recipe) not in INT8_RECIPES or kernel_db is None:
+    if not recipe or not record(recipe).integer_kernels or kernel_db is None:
         return {"status": "n/a", "message": ""}
     if kernel_db >= KERNEL_FLOAT_MATH_DB:
         return {"status": "float-math", "message": f"runs as float math (kernel SQNR {kernel_db:.0f} dB: ONNX Runtime "
@@ -164,8 +164,8 @@ def module_report(fp32_path: Path, path: Path, kept_fp32: dict, notes: list[str]
     see ``kernel_identical``); ``float_math_sqnr_min_db`` the quantization's own error (float math
     against FP32), what the kernel error is compared with.
     """
-    from quant.emulate import float_math_model
-    from quant.target import current_target
+    from quant.recipes.emulate import float_math_model
+    from quant.support.target import current_target
 
     reference, candidate = open_session(fp32_path), open_session(path)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """Export pipeline modules to FP32 ONNX with ``torch.onnx.export(..., dynamo=True)``.
 
-Each module is exported through its adapter (``quant.adapters``) with the DESIGN.md input and
+Each module is exported through its adapter (``quant.pipeline.torch_modules``) with the DESIGN.md input and
 output names, a dynamic batch axis where the graph allows it (falling back to a static batch,
 recorded, where ``torch.export`` cannot keep it symbolic), checked with ``onnx.checker``, and
 saved atomically. Models over the exporter's size threshold go to the external-data format;
@@ -27,10 +27,10 @@ import numpy as np
 import onnx
 import torch
 
-from quant.adapters import torch_module
+from quant.pipeline.torch_modules import torch_module
 from quant.errors import CheckFailed, UserError, first_line
-from quant.modules import MODULE_IO
-from quant.quiet import quiet
+from quant.pipeline.modules import MODULE_IO
+from quant.support.quiet import quiet
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18

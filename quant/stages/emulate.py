@@ -1,6 +1,6 @@
 """The emulate stage: a quantized module's graph rewritten for another target's int8 kernels.
 
-``onnx/<recipe>/<module>.onnx`` -> ``onnx/<recipe>~<target>/<module>.onnx`` (``quant.emulate``),
+``onnx/<recipe>/<module>.onnx`` -> ``onnx/<recipe>~<target>/<module>.onnx`` (``quant.recipes.emulate``),
 with a manifest so ``generate --variant <recipe>~<target>`` runs it, and
 ``quantization/<recipe>~<target>.json``: per module, the rewritten nodes, the weight pairs that
 can saturate, the nodes left unemulated and why, and on the held-back calibration samples the
@@ -19,17 +19,18 @@ import math
 import tempfile
 from pathlib import Path
 
-from quant.calibration import CalibrationSet
-from quant.emulate import emulate_model, float_math_model
-from quant.io_utils import atomic_write_json
-from quant.models import LoadedModel
-from quant.ort_modules import open_session
-from quant.pipeline import check_onnx_folder, previous_modules, shape_key, write_onnx_manifest
-from quant.quant_report import holdout_errors
-from quant.quantize_stage import report_path
-from quant.settings import GenerationSettings
-from quant.target import INT8_PATHS, current_target
-from quant.variants import onnx_path, split_target
+from quant.stages.calibrate import CalibrationSet
+from quant.recipes.emulate import emulate_model, float_math_model
+from quant.support.files import atomic_write_json
+from quant.pipeline.models import LoadedModel
+from quant.pipeline.ort_modules import open_session
+from quant.pipeline.settings import shape_key
+from quant.recipes.manifest import check_onnx_folder, previous_modules, write_onnx_manifest
+from quant.recipes.census import holdout_errors
+from quant.stages.quantize import report_path
+from quant.pipeline.settings import GenerationSettings
+from quant.support.target import INT8_PATHS, current_target
+from quant.recipes.names import onnx_path, split_target
 
 SCHEMA_VERSION = 1
 

@@ -7,7 +7,7 @@ Recipes: ``torch`` (FP32 PyTorch, the reference), ``onnx`` (FP32 ONNX Runtime), 
 Variant names: ``<recipe>`` (every module), ``<recipe>@<module>`` (one module swapped, the rest
 ``torch``), ``floor`` (the FP32 PyTorch pipeline with the initial noise moved by one float32 ulp:
 the noise floor), and ``<variant>~<target>``: the variant's int8 modules run as graphs that
-emulate another execution target's integer kernels (``quant.emulate``; recipe ``int8~avx2``,
+emulate another execution target's integer kernels (``quant.recipes.emulate``; recipe ``int8~avx2``,
 folder ``onnx/int8~avx2/``).
 
 A module can also run a recipe with some nodes kept in FP32 (mixed precision inside a module):
@@ -29,16 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quant.errors import UserError
-from quant.modules import check_module_name
+from quant.pipeline.modules import check_module_name
 
-RECIPES: dict[str, str | None] = {
-    "torch": None,
-    "onnx": "fp32",
-    "fp16": "fp16",
-    "int8": "int8",
-    "int8-dynamic": "int8-dynamic",
-    "inc-int8": "inc-int8",
-}
+from quant.recipes.records import INTEGER, KEEPERS, RECIPES  # noqa: E402 - the records name the recipes
 
 
 @dataclass(frozen=True)
@@ -58,8 +51,8 @@ class Variant:
         return {m: r for m, r in self.modules.items() if r != "torch"}
 
 
-KEEP_RECIPES = ("int8", "int8-dynamic", "fp16")  # their handlers keep named nodes in FP32
-INT8_RECIPES = ("int8", "int8-dynamic", "inc-int8")  # run integer kernels: emulable for another target
+KEEP_RECIPES = KEEPERS  # their handlers keep named nodes in FP32
+INT8_RECIPES = INTEGER  # run integer kernels: emulable for another target
 FLOOR = "floor"
 _KEEP = re.compile(r"^(?P<base>[a-z0-9-]+)\+keep-(?P<tag>[0-9a-f]{12})$")
 _BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -106,7 +99,7 @@ def base_recipe(recipe: str) -> str:
 
 
 def check_recipe(recipe: str) -> str:
-    from quant.target import check_emulation_target
+    from quant.support.target import check_emulation_target
 
     plain, target = split_target(recipe)
     if target is not None:
@@ -143,7 +136,7 @@ def parse_variant(name: str, modules: list[str]) -> Variant:
 
 def onnx_dir(root: Path, recipe: str) -> Path:
     """The folder holding ``recipe``'s ONNX models under the run folder ``root``."""
-    folder = RECIPES[base_recipe(check_recipe(recipe))]
+    folder = RECIPES[base_recipe(check_recipe(recipe))].folder
     if folder is None:
         raise ValueError("recipe 'torch' has no ONNX files")
     return Path(root) / "onnx" / (recipe if recipe != base_recipe(recipe) else folder)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from quant.modules import check_module_name, present_modules
+from quant.pipeline.modules import check_module_name, present_modules
 
 
 class TextEncoderIO(torch.nn.Module):

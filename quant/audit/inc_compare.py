@@ -1,6 +1,6 @@
 """Intel Neural Compressor's accuracy-aware tuning (``autotune``) driven by our video metric.
 
-For comparison with ``quant.search`` on one denoiser module: INC 3.x quantizes the PyTorch
+For comparison with ``quant.audit.search`` on one denoiser module: INC 3.x quantizes the PyTorch
 module with PT2E (as the ``inc-int8`` recipe does) and ``autotune`` tries its tuning set, each
 trial scored by ``eval_fn`` = the gate's metric of the eval videos regenerated with that module
 quantized (every other module FP32 PyTorch), against the reference videos. ``tolerable_loss``
@@ -26,15 +26,16 @@ import time
 import pandas as pd
 import torch
 
-from quant.adapters import torch_module
+from quant.pipeline.torch_modules import torch_module
 from quant.errors import UserError
-from quant.generate import video_dir
-from quant.modules import MODULE_IO
-from quant.ort_modules import OrtTransformer
-from quant.pipeline import assemble, generate_video
-from quant.prompts import prompt_id
-from quant.variants import Variant
-from quant.video_io import load_frames
+from quant.stages.generate import video_dir
+from quant.pipeline.modules import MODULE_IO
+from quant.pipeline.ort_modules import OrtTransformer
+from quant.pipeline.sampling import generate_video
+from quant.stages.generate import assemble
+from quant.pipeline.prompts import prompt_id
+from quant.recipes.names import Variant
+from quant.pipeline.video_io import load_frames
 from metrics.scores import score_video
 
 TUNABLE = ("transformer", "transformer_2")
@@ -82,7 +83,7 @@ def inc_autotune(audit, module: str, gates) -> dict:
     """Run INC's ``autotune`` on ``module`` with our video metric (see the module doc)."""
     from neural_compressor.torch.quantization import INT8StaticQuantConfig, TuningConfig, autotune
 
-    from quant.quantize import _import_inc
+    from quant.recipes.inc import _import_inc
 
     if module not in TUNABLE or module not in audit.modules:
         raise UserError(f"search: inc_compare takes a denoiser module of this model ({', '.join(m for m in TUNABLE if m in audit.modules)}), got '{module}'")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from quant.errors import UserError, first_line
-from quant.io_utils import atomic_path
+from quant.support.files import atomic_path
 
 LATENTS_DIR = "latents"
 
@@ -98,7 +98,7 @@ def save_webp(path: Path, frames: np.ndarray, fps: int = 8) -> None:
 
 
 def save_trajectory(path: Path, trajectory) -> None:
-    """Write a ``quant.pipeline.Trajectory``: ``latents`` float32 (S, C, T, H, W), ``timesteps``, ``experts``."""
+    """Write a ``quant.pipeline.sampling.Trajectory``: ``latents`` float32 (S, C, T, H, W), ``timesteps``, ``experts``."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, latents=trajectory.latents.astype(np.float32), timesteps=trajectory.timesteps,
