@@ -380,6 +380,10 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
     model = top.take("model", str, d.model)
     if not model:
         raise top.error("model", "must name a built-in model or a checkpoint folder")
+    from quant.pipeline.models import BUILTIN_MODELS
+
+    if model not in BUILTIN_MODELS and not Path(model).expanduser().is_absolute():
+        model = str((base_dir / model).resolve())  # a folder is relative to the config file, like every path
     tag = top.take("tag", str, d.tag)
     settings = _parse_generation(top.sub("generation"), d.settings)
     prompts = top.sub("prompts")

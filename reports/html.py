@@ -167,7 +167,8 @@ def report_context(run_dir: Path) -> dict:
     variants = results["variants"]
     main = [v["name"] for v in variants if v["kind"] != "attribution"]
     recipes = list(dict.fromkeys(v["name"].split("@")[0] for v in variants if v["kind"] == "attribution"))
-    gates = list(results.get("parity_gates", [])) + [g for v in variants for g in v["gates"]]
+    gates = (list(results.get("parity_gates", [])) + [g for v in variants for g in v["gates"]]
+             + list(results.get("search_gates", [])))
     gates.sort(key=lambda g: g["passed"])  # failures first
     return {
         "r": results, "gates": gates, "main_variants": main,

@@ -41,6 +41,8 @@ def write_junit(path: Path, results: dict) -> None:
         _suite(root, "export", results["parity_gates"])
     for variant in results["variants"]:
         _suite(root, variant["name"], variant["gates"])
+    if results.get("search_gates"):  # a search that found no passing mix
+        _suite(root, "search", results["search_gates"])
     root.set("tests", str(sum(int(s.get("tests")) for s in root)))
     root.set("failures", str(sum(int(s.get("failures")) for s in root)))
     ET.indent(root)

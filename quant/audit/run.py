@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -30,15 +31,18 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from quant.stages.calibrate import CalibrationSpec, calibrate, load_calibration_prompts
+from quant.stages.calibrate import CalibrationSpec, calibrate, check_modules_called, load_calibration_prompts
 from quant.config import AuditConfig
-from quant.support.environment import versions
+from quant.errors import UserError
+from quant.support.environment import utc_now, versions
 from quant.recipes.export import ExportOptions
 from quant.stages.export import export_pipeline
 from quant.gates import Baseline, GateResult, check_gates, check_regression, mark_noise_floor
 from quant.stages.generate import VideoRecord, generate_variant, video_dir
 from quant.support.files import atomic_path, atomic_write_json, atomic_write_text, json_number
 from quant.stages.ledger import Ledger, stage_key
+from quant.stages.runner import Stage, StageRun, StageRunner
+from quant.stages.workspace import Workspace
 from quant.pipeline.models import LoadedModel, load_model
 from quant.pipeline.modules import present_modules
 from quant.pipeline.settings import shape_key
@@ -53,7 +57,16 @@ from quant.recipes.names import FLOOR, Variant, base_recipe, onnx_dir, onnx_path
 
 SCHEMA_VERSION = 2  # 2: target block, floor, emulated variants, kernel findings
 RUN_FILE = "run.json"
-EMULATION_VERSION = 2  # bump when quant.recipes.emulate's rewrite changes: emulated models are redone
+# The code behind each stage: a change in any of these files redoes the stage (quant.stages.runner).
+EXPORT_SOURCES = ("quant.recipes.export", "quant.recipes.parity", "quant.stages.export", "quant.pipeline.torch_modules",
+                  "quant.pipeline.capture", "quant.pipeline.sampling")
+QUANTIZE_SOURCES = ("quant.recipes.quantize", "quant.recipes.census", "quant.recipes.emulate", "quant.stages.quantize")
+EMULATE_SOURCES = ("quant.recipes.emulate", "quant.stages.emulate", "quant.recipes.census")
+GENERATE_SOURCES = ("quant.pipeline.sampling", "quant.pipeline.ort_modules", "quant.pipeline.video_io",
+                    "quant.stages.generate")
+SCORE_SOURCES = ("quant.stages.score", "metrics.psnr", "metrics.ssim", "metrics.temporal", "metrics.tensor",
+                 "metrics.scores")
+SENSITIVITY_SOURCES = ("quant.stages.sensitivity", "quant.recipes.quantize", "quant.recipes.int8", "quant.recipes.fp16")
 
 
 @dataclass
@@ -81,7 +94,7 @@ def _new_run_id() -> str:
 def _resumable_run(out: Path, config_key: str) -> str | None:
     """The newest run in ``out`` that did not finish and used the same configuration."""
     candidates = []
-    for path in out.glob(f"*/{RUN_FILE}"):
+    for path in Workspace(out).run_files():
         try:
             info = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
@@ -93,7 +106,7 @@ def _resumable_run(out: Path, config_key: str) -> str | None:
 
 def work_dir(out: Path, fingerprint: str) -> Path:
     """Where the runs of one model in ``out`` share their models, calibration, videos and scores."""
-    return Path(out) / "work" / fingerprint.split(":")[-1][:16]
+    return Workspace(out).work(fingerprint)
 
 
 def _link_file(src: Path, dst: Path) -> None:
@@ -108,10 +121,12 @@ def _link_file(src: Path, dst: Path) -> None:
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    """``_link_file`` for every file under ``src`` (temporary dot-files excluded)."""
+    """``_link_file`` for every file under ``src``, except temporary files and folders (any part of
+    the path starting with a dot: what atomic writes and a killed quantizer leave behind)."""
     for path in src.rglob("*"):
-        if path.is_file() and not path.name.startswith("."):
-            _link_file(path, dst / path.relative_to(src))
+        relative = path.relative_to(src)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            _link_file(path, dst / relative)
 
 
 # --- the audit ---------------------------------------------------------------------------------
@@ -122,9 +137,11 @@ class Audit:
     def __init__(self, config: AuditConfig, model: LoadedModel, out: Path, run_id: str, show_progress: bool,
                  fresh: bool = False, target: Target | None = None):
         self.config, self.model, self.out, self.run_id = config, model, out, run_id
-        self.run_dir = out / run_id
-        self.work = work_dir(out, model.fingerprint)
+        self.workspace = Workspace(out)
+        self.run_dir = self.workspace.run_dir(run_id)
+        self.work = self.workspace.work(model.fingerprint)
         self.ledger = Ledger(self.work)
+        self.runner = StageRunner(self.ledger, fresh, self._finished)
         self.show, self.fresh = show_progress, fresh
         self.settings = config.settings
         self.modules = present_modules(model.pipe)
@@ -143,32 +160,31 @@ class Audit:
         self.base = {"model": model.fingerprint, "shape": shape_key(self.settings), "versions": versions(),
                      "target": self.target.id}
 
-    # each stage: reuse when the ledger has its key, else do it and record it
-    def _stage(self, name: str, key: str, work, outputs: list[Path] = ()) -> None:
-        self.keys[name] = key
-        if not self.fresh and self.ledger.done(name, key) and all(Path(p).exists() for p in outputs):
-            self.times.append(StageTime(name, 0.0, True))
-            return
-        start = time.perf_counter()
-        work()
-        seconds = time.perf_counter() - start
-        self.ledger.record(name, key, seconds)
-        self.times.append(StageTime(name, seconds, False))
+    def _stage(self, name: str, inputs: dict, work, outputs=(), files=(), sources=()) -> str:
+        """Run one stage through the runner (``quant.stages.runner``); returns its key."""
+        stage = Stage(name, {**self.base, **inputs}, work, tuple(outputs), tuple(files), tuple(sources))
+        return self.runner.run(stage).key
+
+    def _finished(self, done: StageRun) -> None:
+        self.keys[done.name] = done.key
+        self.times.append(StageTime(done.name, done.seconds, done.reused))
+        if not done.reused and not sys.stderr.isatty():  # a CI log: one line per stage that did work
+            print(f"{done.name}: {done.seconds:.1f} s", file=sys.stderr, flush=True)
 
     def export(self) -> None:
         options = ExportOptions(simplify=self.config.simplify)
         for module in progress(self.modules, "export", "module", self.show):
-            key = stage_key({**self.base, "stage": "export", "module": module, "simplify": options.simplify,
-                             "opset": options.opset, "capture": self.prompts[:2]})
-            self._stage(f"export:{module}", key, lambda m=module: export_pipeline(
+            inputs = {"stage": "export", "module": module, "simplify": options.simplify, "opset": options.opset,
+                      "capture": self.prompts[:2], "settings": self.settings.to_dict()}
+            self._stage(f"export:{module}", inputs, lambda m=module: export_pipeline(
                 self.model, self.settings, self.work, self.prompts, options=options, modules=[m], show_progress=False),
-                [onnx_path(self.work, "onnx", module)])
+                [onnx_path(self.work, "onnx", module)], sources=EXPORT_SOURCES)
 
     def calibrate(self) -> None:
         spec = CalibrationSpec(tuple(self.calibration_prompts), self.config.calibration_seeds,
                                self.config.calibration_samples)
-        if self.fresh:
-            shutil.rmtree(self.work / "calibration", ignore_errors=True)
+        if self.fresh and (self.work / "calibration").exists():
+            Workspace.remove(self.work / "calibration")
         start = time.perf_counter()
         cal = calibrate(self.model, spec, self.settings, self.work, show_progress=self.show)
         self.calibration = cal
@@ -204,13 +220,14 @@ class Audit:
                 cache = str(self.work / "calibration" / f"ranges.{module}.{self.config.int8_method}."
                             f"{self.keys[f'export:{module}']}.json")
             options = self.quantize_options(recipe, keep, cache)
-            key = stage_key({**self.base, "stage": "quantize", "recipe": base_recipe(recipe), "module": module,
-                             "options": options.record(), "export": self.keys[f"export:{module}"],
-                             "calibration": self.keys["calibrate"]})
-            self._stage(f"quantize:{recipe}:{module}", key, lambda r=recipe, m=module, o=options: quantize_pipeline(
+            inputs = {"stage": "quantize", "recipe": base_recipe(recipe), "module": module,
+                      "options": options.record(), "export": self.keys[f"export:{module}"],
+                      "calibration": self.keys["calibrate"]}
+            self._stage(f"quantize:{recipe}:{module}", inputs, lambda r=recipe, m=module, o=options: quantize_pipeline(
                 self.model, self.settings, self.work, r, o, modules=[m], show_progress=False,
                 calibration=self.calibration),
-                [onnx_path(self.work, recipe, module)])
+                [onnx_path(self.work, recipe, module)], files=[onnx_path(self.work, "onnx", module)],
+                sources=QUANTIZE_SOURCES + (record(recipe).source,))
         self.emulate([(r, m) for r, m in used if split_target(r)[1] is not None])
 
     def emulate(self, jobs: list[tuple[str, str]]) -> None:
@@ -219,17 +236,17 @@ class Audit:
 
         for recipe, module in progress(jobs, "emulate", "model", self.show and bool(jobs)):
             source = split_target(recipe)[0]
-            key = stage_key({**self.base, "stage": "emulate", "recipe": recipe, "module": module,
-                             "quantize": self.keys[f"quantize:{source}:{module}"], "code": EMULATION_VERSION})
-            self._stage(f"emulate:{recipe}:{module}", key, lambda r=recipe, m=module: emulate_pipeline(
-                self.model, self.settings, self.work, r, [m], self.calibration), [onnx_path(self.work, recipe, module)])
+            inputs = {"stage": "emulate", "recipe": recipe, "module": module,
+                      "quantize": self.keys[f"quantize:{source}:{module}"]}
+            self._stage(f"emulate:{recipe}:{module}", inputs, lambda r=recipe, m=module: emulate_pipeline(
+                self.model, self.settings, self.work, r, [m], self.calibration), [onnx_path(self.work, recipe, module)],
+                files=[onnx_path(self.work, source, module)], sources=EMULATE_SOURCES)
 
-    def _generate_key(self, variant: Variant) -> str:
-        return stage_key({**self.base, "stage": "generate", "noise_ulps": variant.noise_ulps,
-                          "settings": self.settings.to_dict(),
-                          "prompts": self.prompts, "seeds": list(self.config.seeds),
-                          "latents": self.config.save_latents, "fps": self.config.fps,
-                          "modules": {m: [r, self._model_key(r, m)] for m, r in variant.modules.items()}})
+    def _generate_inputs(self, variant: Variant) -> dict:
+        return {"stage": "generate", "noise_ulps": variant.noise_ulps, "settings": self.settings.to_dict(),
+                "prompts": self.prompts, "seeds": list(self.config.seeds),
+                "latents": self.config.save_latents, "fps": self.config.fps,
+                "modules": {m: [r, self._model_key(r, m)] for m, r in variant.modules.items()}}
 
     def generate(self, variants: list[Variant] | None = None, label: str = "generate") -> None:
         """The reference (``torch``) and every variant's videos, each a stage keyed by its models."""
@@ -238,28 +255,31 @@ class Audit:
         with progress([reference] + variants, label, "variant", self.show) as bar:
             for variant in bar:
                 bar.set_postfix_str(variant.name)
-                key = self._generate_key(variant)
+                inputs = self._generate_inputs(variant)
                 folder = video_dir(self.work, variant.name)
-                self._stage(f"generate:{variant.name}", key, lambda v=variant, k=key: generate_variant(
+                files = [onnx_path(self.work, r, m) for m, r in variant.modules.items() if r != "torch"]
+                self._stage(f"generate:{variant.name}", inputs, lambda v=variant: generate_variant(
                     self.model, v, self.prompts, list(self.config.seeds), self.settings, self.work,
                     fps=self.config.fps, show_progress=False, save_latents=self.config.save_latents,
-                    key=None if self.fresh else k), [folder / "manifest.json"])
+                    key=None if self.fresh else self.runner.keys[f"generate:{v.name}"]), [folder / "manifest.json"],
+                    files, GENERATE_SOURCES)
                 manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
                 self.records[variant.name] = [VideoRecord(**v) for v in manifest["videos"]]
 
     def _score_path(self, variant: str) -> Path:
-        return self.work / "scores" / variant / "frames.csv"
+        return Workspace.scores(self.work, variant)
 
     def score(self, variants: list[Variant] | None = None, label: str = "score") -> dict[str, pd.DataFrame]:
         """Score tables of the variants against ``torch`` (frames, videos, summary, latents)."""
         parts: dict[str, list[pd.DataFrame]] = {"frames": [], "videos": [], "summary": [], "latents": []}
         reference = video_dir(self.work, "torch")
         for variant in progress(self.variants if variants is None else variants, label, "variant", self.show):
-            key = stage_key({"stage": "score", "reference": self.keys["generate:torch"],
-                             "candidate": self.keys[f"generate:{variant.name}"], "metrics": _metrics_version()})
+            inputs = {"stage": "score", "reference": self.keys["generate:torch"],
+                      "candidate": self.keys[f"generate:{variant.name}"], "metrics": _metrics_version()}
             out = self._score_path(variant.name)
-            self._stage(f"score:{variant.name}", key, lambda v=variant, o=out: write_tables(
-                score_folders(reference, video_dir(self.work, v.name), variant=v.name, show_progress=False), o), [out])
+            self._stage(f"score:{variant.name}", inputs, lambda v=variant, o=out: write_tables(
+                score_folders(reference, video_dir(self.work, v.name), variant=v.name, show_progress=False), o), [out],
+                sources=SCORE_SOURCES)
             for kind, path in table_paths(out).items():
                 if kind != "metrics" and path.is_file():
                     parts[kind].append(pd.read_csv(path))
@@ -273,12 +293,12 @@ class Audit:
         for module in modules:
             if f"quantize:{recipe}:{module}" not in self.keys:
                 self.quantize([Variant(f"{recipe}@{module}", {module: recipe})], label="quantize")
-            key = stage_key({"stage": "sensitivity", "schema": SCHEMA_VERSION, "recipe": recipe, "module": module,
-                             "quantize": self.keys[f"quantize:{recipe}:{module}"],
-                             "options": self.quantize_options(recipe).record(), "target": self.target.id})
-            self._stage(f"sensitivity:{recipe}:{module}", key, lambda m=module: node_sensitivity(
+            inputs = {"stage": "sensitivity", "schema": SCHEMA_VERSION, "recipe": recipe, "module": module,
+                      "quantize": self.keys[f"quantize:{recipe}:{module}"],
+                      "options": self.quantize_options(recipe).record()}
+            self._stage(f"sensitivity:{recipe}:{module}", inputs, lambda m=module: node_sensitivity(
                 self.model, self.work, m, recipe, self.quantize_options(recipe),
-                show_progress=self.show))
+                show_progress=self.show), files=[onnx_path(self.work, recipe, module)], sources=SENSITIVITY_SOURCES)
             out[module] = read_sensitivity(self.work, module, recipe)
         return out
 
@@ -400,7 +420,7 @@ def build_results(audit: Audit, entries: list[dict], checked: list[GateResult], 
     verdict = "pass" if all(g.passed for g in checked) else "fail"
     return {
         "schema_version": SCHEMA_VERSION, "run_id": audit.run_id, "tag": audit.config.tag,
-        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": started, "finished": utc_now(),
         "verdict": verdict,
         "model": audit.model.identity(), "modules": audit.modules,
         "settings": audit.settings.to_dict(),
@@ -408,7 +428,7 @@ def build_results(audit: Audit, entries: list[dict], checked: list[GateResult], 
         "seeds": list(audit.config.seeds),
         "config": audit.config.to_dict(),
         "command": argv,
-        "reproduce": f"quant-audit run --config {audit.run_dir / 'config.toml'} --out {audit.out}",
+        "reproduce": shlex.join(["quant-audit", "run", "--config", str(audit.run_dir / "config.toml"), "--out", str(audit.out)]),
         "versions": versions(),
         "target": audit.target.to_dict(),
         "parity": {m: {k: e.get(k) for k in ("passed", "max_abs", "rel_l2", "samples", "threshold")}
@@ -422,6 +442,7 @@ def build_results(audit: Audit, entries: list[dict], checked: list[GateResult], 
         "stages": [{"name": t.name, "seconds": round(t.seconds, 3), "reused": t.reused} for t in audit.times],
         "failed_gates": [g.to_dict() for g in checked if not g.passed],
         "parity_gates": [g.to_dict() for g in checked if g.kind == "parity"],
+        "search_gates": [g.to_dict() for g in checked if g.kind == "search"],
         "variants": entries,
     }
 
@@ -466,7 +487,7 @@ def _open_run(config: AuditConfig, model: LoadedModel, out: Path, config_key: st
     run_id = None if fresh else _resumable_run(out, config_key)
     resumed = run_id is not None
     audit = Audit(config, model, out, run_id or _new_run_id(), show_progress, fresh, target)
-    started = _read_json(audit.run_dir / RUN_FILE).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    started = _read_json(audit.run_dir / RUN_FILE).get("started") or utc_now()
     print(("resuming" if resumed else "starting") + f" run {audit.run_id} in {audit.run_dir}", file=sys.stderr)
     print(f"target: {target.describe()}", file=sys.stderr)
     atomic_write_text(audit.run_dir / "config.toml", config.to_toml())
@@ -543,6 +564,43 @@ def _publish(audit: Audit, tables: dict[str, pd.DataFrame], baseline: str | None
     return results, checked
 
 
+def check_inputs(config: AuditConfig, model: LoadedModel, out: Path) -> None:
+    """Every user input, checked before any work (exit 2 within seconds, not after the videos):
+    settings against the model, prompt files, the variant set and every variant on this model,
+    gate tables naming audited variants, [sensitivity]/[search] modules, the history store.
+
+    Raises:
+        UserError: naming the file, key or value.
+    """
+    from reports import history
+
+    config.settings.check_for(model.pipe)
+    check_modules_called(model.pipe, config.settings)
+    read_prompts(config.eval_prompts)
+    load_calibration_prompts(config.calibration_prompts, config.eval_prompts)
+    modules = present_modules(model.pipe)
+    names = config.variant_names(modules)
+    if not [n for n in names if n != FLOOR]:
+        raise UserError(f"{config.source}: variants: nothing to audit (variants.run is empty and attribution has "
+                        "no quantize.recipes to attribute)")
+    for name in names:
+        config.variant(name, modules)
+    searched = {config.search.name} if config.search and config.search.enabled else set()
+    for name in config.gates:
+        if name != "default" and name not in names and name not in searched:
+            raise UserError(f"{config.source}: gates.{name}: variant '{name}' is not audited (add it to variants.run)")
+    for where, wanted in (("sensitivity.modules", config.sensitivity),
+                          ("search.modules", config.search.modules if config.search else ())):
+        missing = [m for m in wanted if m not in modules]
+        if missing:
+            raise UserError(f"{config.source}: {where}: model '{model.name}' has no {', '.join(missing)} "
+                            f"(its modules: {', '.join(modules)})")
+    if config.search and config.search.inc_compare and config.search.inc_compare not in modules:
+        raise UserError(f"{config.source}: search.inc_compare: model '{model.name}' has no {config.search.inc_compare}")
+    if Workspace(out).history.exists():
+        history.trend(Workspace(out).history)  # openable, and of a schema this version reads
+
+
 def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh: bool = False,
               show_progress: bool = True, argv: list[str] | None = None) -> AuditResult:
     """Run the whole audit (see the module doc); returns the verdict and ``results.json``'s content.
@@ -556,7 +614,7 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
     set_threads(config.threads)
     target = current_target()
     model = load_model(config.model)
-    config.settings.check_for(model.pipe)
+    check_inputs(config, model, out)
     config_key = stage_key({"config": config.to_dict(), "model": model.fingerprint, "target": target.id})
     base = None
     if baseline:

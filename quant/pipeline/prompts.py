@@ -53,7 +53,7 @@ def parse_seeds(text: str) -> list[int]:
     parts = [p.strip() for p in str(text).split(",")]
     seeds = []
     for part in parts:
-        if not part.isdigit() or int(part) > MAX_SEED:
+        if not (part.isascii() and part.isdigit()) or int(part) > MAX_SEED:  # '²'.isdigit() is True
             raise UserError(f"--seeds: '{text}' is not a comma-separated list of integers in [0, 2**63-1] (bad: '{part}')")
         seeds.append(int(part))
     if len(set(seeds)) != len(seeds):

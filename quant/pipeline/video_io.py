@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,14 @@ def load_frames(path: Path) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy renamed .npz loads as a bare array
+            raise UserError(f"{path}: not an .npz archive (a single array, e.g. a renamed .npy)")
+        with data:
             if "frames" not in data.files:
                 raise UserError(f"{path}: no 'frames' array (has: {', '.join(data.files) or 'nothing'})")
             frames = data["frames"]
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as exc:  # zlib: a damaged member
         raise UserError(f"{path}: not a readable .npz video ({first_line(exc)})") from None
     if frames.dtype != np.uint8:
         raise UserError(f"{path}: 'frames' must be uint8, got {frames.dtype}")

@@ -67,7 +67,7 @@ def _int8_static(job: QuantizeJob) -> QuantizeResult:
 
     src, dst, calibration, options = job.src, job.dst, job.calibration, job.options
     result = QuantizeResult("int8", dst)
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=dst.parent) as tmp:
         pre = src if options.preprocessed else _preprocess(src, Path(tmp), result)
         # The quantizer writes into save_atomically's private folder (its external data is named
         # <file>.data, as ours), so the result is moved into place without a reload.
@@ -91,7 +91,7 @@ def _int8_dynamic(job: QuantizeJob) -> QuantizeResult:
 
     src, dst, options = job.src, job.dst, job.options
     result = QuantizeResult("int8-dynamic", dst)
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=dst.parent) as tmp:
         cleaned = _cleaned_copy(src, Path(tmp))
         save_atomically(lambda out: quantize_dynamic(
             str(cleaned), str(out), op_types_to_quantize=list(options.op_types or DEFAULT_DYNAMIC_OPS),

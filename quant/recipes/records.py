@@ -46,6 +46,7 @@ class Recipe:
     reduce_range: bool = False
     activation_type: bool = False
     shares_calibration: bool = False
+    source: str = ""  # the module that implements it (its code is part of every stage key)
 
     def handler(self):
         """The function that quantizes with this recipe (``QuantizeJob -> QuantizeResult``)."""
@@ -57,12 +58,14 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("torch", None),
     Recipe("onnx", "fp32"),
-    Recipe("fp16", "fp16", quantizes=True, calibrated=True, keeps_nodes=True),
+    Recipe("fp16", "fp16", quantizes=True, calibrated=True, keeps_nodes=True, source="quant.recipes.fp16"),
     Recipe("int8", "int8", quantizes=True, calibrated=True, keeps_nodes=True, integer_kernels=True,
            methods=("minmax", "entropy", "percentile"), reduce_range=True, activation_type=True,
-           shares_calibration=True),
-    Recipe("int8-dynamic", "int8-dynamic", quantizes=True, keeps_nodes=True, integer_kernels=True, reduce_range=True),
-    Recipe("inc-int8", "inc-int8", quantizes=True, calibrated=True, integer_kernels=True, methods=("minmax", "entropy")),
+           shares_calibration=True, source="quant.recipes.int8"),
+    Recipe("int8-dynamic", "int8-dynamic", quantizes=True, keeps_nodes=True, integer_kernels=True, reduce_range=True,
+           source="quant.recipes.int8"),
+    Recipe("inc-int8", "inc-int8", quantizes=True, calibrated=True, integer_kernels=True, methods=("minmax", "entropy"),
+           source="quant.recipes.inc"),
 )}
 QUANTIZERS = tuple(n for n, r in RECIPES.items() if r.quantizes)
 KEEPERS = tuple(n for n, r in RECIPES.items() if r.keeps_nodes)

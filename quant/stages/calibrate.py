@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from quant.support.files import atomic_path, atomic_write_json, sha256_file
 from quant.pipeline.models import LoadedModel
 from quant.pipeline.modules import present_modules
 from quant.pipeline.sampling import expert_for, generate_video
+from quant.stages.workspace import Workspace
 from quant.support.progress import progress
 from quant.pipeline.prompts import PROMPTS_DIR, read_prompts
 from quant.pipeline.settings import GenerationSettings
@@ -102,6 +102,21 @@ def calls_per_generation(pipe, settings: GenerationSettings) -> dict[str, int]:
         if module in present_modules(pipe):
             counts[module] = cfg * experts.count(module)
     return counts
+
+
+def check_modules_called(pipe, settings: GenerationSettings) -> dict[str, int]:
+    """``calls_per_generation``, refusing settings under which a module is never called (with too
+    few steps one expert gets none: it cannot be exported, calibrated or audited).
+
+    Raises:
+        UserError: naming the module and the step count.
+    """
+    calls = calls_per_generation(pipe, settings)
+    never = [m for m, n in calls.items() if n == 0]
+    if never:
+        raise UserError(f"generation.num_inference_steps: with {settings.num_inference_steps} step(s) "
+                        f"{', '.join(never)} is never called (the expert boundary splits the steps); use more steps")
+    return calls
 
 
 def spread_indices(calls_per_generation: int, generations: int, k: int) -> list[int]:
@@ -223,7 +238,7 @@ def calibrate(model: LoadedModel, spec: CalibrationSpec, settings: GenerationSet
     if manifest is not None:
         return CalibrationSet(folder, manifest, reused=True)
     if folder.exists():
-        shutil.rmtree(folder)  # another key, or damaged: recompute from scratch
+        Workspace.remove(folder)  # another key, or damaged: recompute from scratch
     jobs = [(p, s) for p in spec.prompts for s in spec.seeds]
     per_gen = calls_per_generation(model.pipe, settings)
     chosen = {m: set(spread_indices(n, len(jobs), spec.samples_per_module)) for m, n in per_gen.items()}

@@ -29,6 +29,7 @@ from quant.pipeline.ort_modules import open_session
 from quant.recipes.parity import PARITY_THRESHOLD, Parity, measure_parity
 from quant.support.progress import progress
 from quant.pipeline.sampling import generate_video
+from quant.stages.calibrate import check_modules_called
 from quant.pipeline.settings import shape_key
 from quant.recipes.manifest import previous_modules, write_onnx_manifest
 from quant.pipeline.settings import GenerationSettings
@@ -119,6 +120,7 @@ def export_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path
                     seed: int = 0, options: ExportOptions = ExportOptions(),
                     modules: list[str] | None = None, show_progress: bool = True) -> ExportReport:
     """Export and parity-check every module (or ``modules``) of ``model``; see the module doc."""
+    check_modules_called(model.pipe, settings)
     settings.check_for(model.pipe)
     root = Path(root)
     available = present_modules(model.pipe)

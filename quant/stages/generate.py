@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from quant.stages.workspace import Workspace
 from quant.support.progress import progress
 
 from quant.support.environment import versions
@@ -54,7 +54,8 @@ class VideoRecord:
 
 
 def video_dir(root: Path, variant: str) -> Path:
-    return Path(root) / "videos" / variant
+    """``<root>/videos/<variant>``; the name is checked to be a plain folder name."""
+    return Workspace.videos(root, variant)
 
 
 def _manifest(model: LoadedModel, variant: Variant, settings: GenerationSettings, records: list[VideoRecord],
@@ -81,7 +82,7 @@ def _finished(folder: Path, key: str | None) -> dict[tuple[str, int], VideoRecor
         manifest = None
     if key is None or manifest is None or manifest.get("key") != key or manifest.get("schema_version") != SCHEMA_VERSION:
         if folder.is_dir():
-            shutil.rmtree(folder)
+            Workspace.remove(folder)
         return {}
     done = {}
     for entry in manifest.get("videos", []):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from quant.support.files import atomic_write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: keys hash sources and input files; entries invalidated before work
 
 
 def stage_key(inputs: dict) -> str:
@@ -51,7 +51,15 @@ class Ledger:
     def done(self, stage: str, key: str) -> bool:
         return self.stages.get(stage, {}).get("key") == key
 
+    def invalidate(self, stage: str) -> None:
+        """Forget ``stage`` (before its outputs are rewritten: a kill then leaves no valid entry)."""
+        if self.stages.pop(stage, None) is not None:
+            self._write()
+
     def record(self, stage: str, key: str, seconds: float) -> None:
         self.stages[stage] = {"key": key, "seconds": round(seconds, 3),
-                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._write()
+
+    def _write(self) -> None:
         atomic_write_json(self.path, {"schema_version": SCHEMA_VERSION, "stages": self.stages})

@@ -16,6 +16,14 @@ _PACKAGES = ("quant-audit", "torch", "diffusers", "transformers", "onnx", "onnxr
              "neural-compressor-pt", "torchao")
 
 
+def utc_now() -> str:
+    """The time now as ISO 8601 in UTC (``2026-11-21T15:30:17Z``): strings that sort as times do,
+    whatever the time zone of the machine that wrote them."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def versions() -> dict[str, str]:
     """Installed versions of the packages whose code produces our numbers."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
