@@ -118,3 +118,17 @@ def test_console_script_is_installed_and_reports_usage_errors():
     assert ok.returncode == 0 and "export" in ok.stdout and "generate" in ok.stdout
     bad = subprocess.run([str(exe), "generate", "--out", "/tmp/x", "--seeds", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--seeds" in bad.stderr
+
+
+def test_a_tag_with_dollar_signs_is_text_in_charts():
+    """Release tags like ``$v1$`` or ``rc_1^2`` are labels, never matplotlib math text (which would
+    fail to parse and break every later dashboard)."""
+    import pandas as pd
+
+    from reports.plots import history_chart
+
+    rows = pd.DataFrame({"run_id": ["r1", "r2"], "tag": ["$\\frac{$", "rc_1^2 $x$"], "time": ["t1", "t2"],
+                         "variant": ["fp16", "fp16"], "psnr_mean": [40.0, 41.0], "verdict": ["pass", "pass"],
+                         "regression_failed": [0, 0]})
+    svg = history_chart(rows, "psnr_mean", ["fp16"])  # with math text on, this raises ValueError
+    assert "$\\frac{$" in svg and "rc_1^2 $x$" in svg

@@ -93,6 +93,11 @@ def test_config_paths_are_relative_to_the_file_and_toml_errors_are_named(tmp_pat
     path = tmp_path / "audit.toml"
     path.write_text('[prompts]\neval = "p.txt"\n')
     assert load_config(path).eval_prompts == (tmp_path / "p.txt").resolve()
+    # a checkpoint folder too: relative to the config file, not to wherever the command runs
+    path.write_text('model = "checkpoints/wan"\n')
+    assert load_config(path).model == str((tmp_path / "checkpoints" / "wan").resolve())
+    path.write_text('model = "wan2.2-ti2v-tiny"\n')
+    assert load_config(path).model == "wan2.2-ti2v-tiny"
     path.write_text("[prompts\n")
     with pytest.raises(UserError, match="not valid TOML"):
         load_config(path)

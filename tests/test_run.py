@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -79,11 +80,14 @@ class Done:
         return json.loads((self.run_dir / "results.json").read_text())
 
 
-def write_config(folder: Path, psnr_mean: float = 20, fps: int = 8) -> Path:
+def write_config(folder: Path, psnr_mean: float = 20, fps: int = 8, reduce_range: bool = False) -> Path:
     prompts = folder / "eval.txt"
     prompts.write_text(f"a red kite flying over a windy beach at sunset\n{HOSTILE_PROMPT}\n", encoding="utf-8")
-    path = folder / f"audit-{psnr_mean:g}-{fps}.toml"
-    path.write_text(CONFIG.format(prompts=prompts.as_posix(), psnr_mean=psnr_mean, fps=fps), encoding="utf-8")
+    path = folder / f"audit-{psnr_mean:g}-{fps}{'-rr' if reduce_range else ''}.toml"
+    text = CONFIG.format(prompts=prompts.as_posix(), psnr_mean=psnr_mean, fps=fps)
+    if reduce_range:
+        text = text.replace('recipes = ["fp16", "int8-dynamic"]', 'recipes = ["fp16", "int8-dynamic"]\nint8_reduce_range = true')
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -182,6 +186,11 @@ def test_run_writes_the_design_run_files(audited):
         assert (audited.run_dir / path).is_file(), path
     assert (audited.run_dir.parent / "history.sqlite").is_file() and (audited.run_dir.parent / "dashboard.html").is_file()
     assert "verdict: PASS" in audited.out and "report.html" in audited.out
+    # a CI log (no terminal) gets one line per stage that did work, not minutes of silence
+    assert "export:transformer:" in audited.err and "generate:fp16:" in audited.err
+    # times sort as times whatever the machine's zone; the reproduce line survives a shell
+    assert results["finished"].endswith("Z") and results["started"].endswith("Z")
+    assert shlex.split(results["reproduce"])[2:4] == ["--config", str(audited.run_dir / "config.toml")]
 
 
 def test_same_config_reproduces_bit_identical_reference_videos(audited, t2v):
@@ -200,7 +209,13 @@ def test_same_config_reproduces_bit_identical_reference_videos(audited, t2v):
 # --- gates, exit codes, baseline ---------------------------------------------------------------
 
 def test_impossible_thresholds_exit_1_and_name_the_gates(audited, folder):
+    # what a killed quantizer leaves behind is never linked into a run folder
+    work = next((folder / "runs").glob("work/*/stages.json")).parent
+    leftover = work / "onnx" / "int8-dynamic" / ".tmp-killed" / "transformer.onnx"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"half a model")
     done = run_cli(write_config(folder, psnr_mean=200), folder / "runs")
+    assert not list(done.run_dir.rglob(".tmp-killed"))
     assert done.code == 1, done.err[-2000:]
     assert "verdict: FAIL" in done.out
     last = done.err.strip().splitlines()[-1]
@@ -218,6 +233,11 @@ def test_impossible_thresholds_exit_1_and_name_the_gates(audited, folder):
     # every model and video was reused from the first run, not recomputed
     stages = {s["name"]: s["reused"] for s in results["stages"]}
     assert all(stages[k] for k in stages if k.startswith(("export:", "quantize:", "generate:", "score:")))
+    # a reader that goes away (`| head`) does not turn the FAIL into exit 0
+    proc = subprocess.Popen(_command(write_config(folder, psnr_mean=200), folder / "runs"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc.stdout.close()
+    assert proc.wait(timeout=1200) == 1
 
 
 def test_baseline_latest_compares_and_a_drop_fails(audited, folder):
@@ -345,6 +365,57 @@ def test_kill_mid_generation_then_resume_recomputes_nothing_finished(audited, fo
     mine = pd.read_csv(done.run_dir / "scores" / "summary.csv")
     theirs = pd.read_csv(audited.run_dir / "scores" / "summary.csv")
     pd.testing.assert_frame_equal(mine, theirs)
+
+
+def test_kill_mid_quantize_after_a_config_change_then_the_first_config_recomputes(audited, folder):
+    """Run A (``audited``), start B (7-bit weights: new int8-dynamic models) and kill it while it
+    quantizes, rerun A: every module B touched is quantized again (not reused on top of B's files),
+    and A's numbers come back exactly."""
+    out = folder / "runs"
+    ledger = next(out.glob("work/*/stages.json"))
+    mine = {k: v["key"] for k, v in json.loads(ledger.read_text())["stages"].items()
+            if k.startswith("quantize:int8-dynamic:")}
+    assert set(mine) == {f"quantize:int8-dynamic:{m}" for m in MODULES}
+    proc = subprocess.Popen(_command(write_config(folder, reduce_range=True), out), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    touched: set[str] = set()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not touched:
+        stages = json.loads(ledger.read_text())["stages"]
+        touched = {k for k, key in mine.items() if stages.get(k, {}).get("key") != key}
+        time.sleep(0.02)
+    assert touched, "B finished or failed before it quantized anything"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    done = run_cli(write_config(folder), out)
+    assert done.code == 0, done.err[-2000:]
+    recomputed = {s["name"] for s in done.results["stages"] if not s["reused"]}
+    assert touched <= recomputed
+    mine_now = {k: v["key"] for k, v in json.loads(ledger.read_text())["stages"].items() if k in mine}
+    assert mine_now == mine  # A's own keys again
+    pd.testing.assert_frame_equal(pd.read_csv(done.run_dir / "scores" / "summary.csv"),
+                                  pd.read_csv(audited.run_dir / "scores" / "summary.csv"))
+
+
+def test_sigterm_ends_a_run_like_ctrl_c_and_it_resumes(folder):
+    """CI cancelling a job sends SIGTERM: the run stops with exit 130, keeps what it finished and
+    stays resumable (run.json "running")."""
+    out = folder / "terminated"
+    proc = subprocess.Popen(_command(write_config(folder), out), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        ledgers = list(out.glob("work/*/stages.json"))
+        if ledgers and "export:text_encoder" in json.loads(ledgers[0].read_text())["stages"]:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "interrupted; finished files are kept" in err
+    run = next(out.glob("2*/run.json"))
+    assert json.loads(run.read_text())["status"] == "running"
+    assert "export:text_encoder" in json.loads(next(out.glob("work/*/stages.json")).read_text())["stages"]
 
 
 # --- HTML in a real browser ------------------------------------------------------------------------

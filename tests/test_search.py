@@ -147,6 +147,24 @@ def test_search_stops_with_exit_1_when_no_mix_can_pass(searched, capsys):
     assert "no mix can pass psnr_mean >= 99" in err and "even fp16 everywhere" in err
 
 
+def test_a_run_whose_search_fails_says_so_in_junit_and_the_gate_table(searched):
+    """The exit code is 1 because the search gate failed: junit.xml and the report say which gate."""
+    import xml.etree.ElementTree as ET
+
+    folder, _, _, _ = searched
+    proc = subprocess.run([sys.executable, "-m", "quant.cli", "run", "--config", str(write_config(folder, 99)),
+                           "--out", str(folder / "runs")], capture_output=True, text=True, cwd=REPO, timeout=1500)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = next(l for l in proc.stderr.splitlines() if l.startswith(("starting run", "resuming run")))
+    run_dir = folder / "runs" / line.split()[2]
+    results = json.loads((run_dir / "results.json").read_text())
+    (gate,) = results["search_gates"]
+    assert not gate["passed"] and "no mix can pass psnr_mean >= 99" in gate["reason"]
+    suite = ET.parse(run_dir / "junit.xml").getroot().find("testsuite[@name='search']")
+    assert suite is not None and suite.get("failures") == "1"
+    assert "no mix can pass psnr_mean &gt;= 99" in (run_dir / "report.html").read_text()
+
+
 def test_sensitivity_command_writes_the_ranking(searched, capsys):
     folder, _, _, _ = searched
     work = next((folder / "runs" / "work").glob("*/stages.json")).parent

@@ -285,6 +285,17 @@ class Audit:
                     parts[kind].append(pd.read_csv(path))
         return {k: pd.concat(v, ignore_index=True) for k, v in parts.items() if v}
 
+    def evaluate(self, variants: list[Variant], keep: dict[str, tuple[str, ...]] | None = None,
+                 label: str = "evaluate") -> pd.DataFrame:
+        """Quantize, generate and score ``variants`` (``keep``: recipe name -> nodes kept FP32, for
+        ``<recipe>+keep-<tag>``); their summary rows. What the search and INC comparison call
+        (``quant.audit.search.Evaluator``): the audit keeps its own bookkeeping."""
+        for recipe, nodes in (keep or {}).items():
+            self.keep_fp32[recipe] = tuple(nodes)
+        self.quantize(variants, label=f"{label}: quantize")
+        self.generate(variants, label=label)
+        return self.score(variants, label=f"{label}: score")["summary"]
+
     def sensitivity(self, modules, recipe: str) -> dict[str, pd.DataFrame]:
         """Per-node sensitivity of ``modules`` to ``recipe`` (``quant.stages.sensitivity``), a stage each."""
         from quant.stages.sensitivity import SCHEMA_VERSION, node_sensitivity, read_sensitivity

@@ -29,18 +29,22 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 import tomli_w
 
-from quant.config import SearchSettings
+from quant.config import AuditConfig, SearchSettings
 from quant.errors import CheckFailed, UserError
 from quant.gates import Gate, check_gates
 from quant.support.files import atomic_path, atomic_write_json, atomic_write_text, json_number
 from quant.stages.ledger import stage_key
+from quant.pipeline.models import LoadedModel
 from quant.pipeline.ort_modules import open_session
+from quant.pipeline.settings import GenerationSettings
 from quant.recipes.census import latency_ms, precision_census, precision_counts
 from quant.recipes.names import Variant, base_recipe, keep_recipe, onnx_path
+from quant.stages.calibrate import CalibrationSet
 
 SCHEMA_VERSION = 1
 
@@ -88,10 +92,34 @@ def _gates(audit, settings: SearchSettings) -> tuple[Gate, ...]:
     return gates
 
 
+class Evaluator(Protocol):
+    """What the search and the INC comparison use of an audit (``quant.audit.run.Audit``): facts
+    to read and one way to have variants verified. Neither writes into the audit: they return
+    their findings (``SearchResult``) and the audit decides what joins the run."""
+
+    config: AuditConfig
+    model: LoadedModel
+    settings: GenerationSettings
+    modules: list[str]
+    prompts: list[str]
+    work: Path
+    calibration: CalibrationSet
+
+    def evaluate(self, variants: list[Variant], keep: dict[str, tuple[str, ...]] | None = None,
+                 label: str = "evaluate") -> pd.DataFrame:
+        """Quantize (``keep``: recipe name -> nodes kept FP32), generate and score; the summary rows."""
+
+    def nonfinite(self, variant: str) -> dict[str, int]:
+        """Module -> calls whose output held NaN/Inf, for a variant ``evaluate`` generated."""
+
+    def sensitivity(self, modules: list[str], recipe: str) -> dict[str, pd.DataFrame]:
+        """Per-layer rankings of ``modules`` for ``recipe`` (a cached stage)."""
+
+
 class Search:
     """The state of one search over ``audit``'s pipeline (see the module doc)."""
 
-    def __init__(self, audit, settings: SearchSettings):
+    def __init__(self, audit: Evaluator, settings: SearchSettings):
         self.audit, self.settings = audit, settings
         self.gates = _gates(audit, settings)
         self.metric = self.gates[0].metric
@@ -135,13 +163,9 @@ class Search:
 
     def verify(self, index: int, modules: dict[str, str], keep: dict[str, tuple[str, ...]], label: str = "") -> Candidate:
         """Quantize, generate, score and gate one assignment."""
-        for module, nodes in keep.items():
-            if nodes:
-                self.audit.keep_fp32[modules[module]] = tuple(nodes)
         variant = self.variant(modules, label)
-        self.audit.quantize([variant], label="search: quantize")
-        self.audit.generate([variant], label=f"search: candidate {index}")
-        row = self.audit.score([variant], label="search: score")["summary"].iloc[0].to_dict()
+        kept = {modules[module]: tuple(nodes) for module, nodes in keep.items() if nodes}
+        row = self.audit.evaluate([variant], kept, label=f"search: candidate {index}").iloc[0].to_dict()
         nonfinite = self.audit.nonfinite(variant.name)
         gates = check_gates(variant.name, row, self.gates, nonfinite)
         int8 = sum(self._census(r, m)["int8"] for m, r in modules.items())
@@ -159,9 +183,7 @@ class Search:
         recipe = self.settings.recipe
         variants = [Variant(f"{recipe}@{m}", {k: (recipe if k == m else "torch") for k in self.modules})
                     for m in self.searched]
-        self.audit.quantize(variants, label="search: quantize")
-        self.audit.generate(variants, label="search: attribution")
-        summary = self.audit.score(variants, label="search: score")["summary"].set_index("variant")
+        summary = self.audit.evaluate(variants, label="search: attribution").set_index("variant")
         return {m: float(summary.loc[f"{recipe}@{m}", self.metric]) for m in self.searched}
 
     def references(self) -> dict[str, Candidate]:
@@ -225,9 +247,7 @@ def compare_with_inc(search: Search, chosen: Candidate, module: str) -> dict:
         raise UserError(f"search: inc_compare: this model has no '{module}'")
     recipe = chosen.modules[module]
     variant = Variant(f"{search.settings.name}@{module}", {m: (recipe if m == module else "torch") for m in search.modules})
-    search.audit.quantize([variant], label="search: quantize")
-    search.audit.generate([variant], label="search: inc comparison")
-    row = search.audit.score([variant], label="search: score")["summary"].iloc[0]
+    row = search.audit.evaluate([variant], label="search: inc comparison").iloc[0]
     census = search._census(recipe, module) if recipe not in ("torch",) else {"int8": 0, "total": 0}
     ours = {"recipe": base_recipe(recipe), "keep_fp32": chosen.keep.get(module, []), "value": json_number(row[search.metric]),
             "int8_nodes": census["int8"], "compute_nodes": census["total"]}
@@ -243,7 +263,7 @@ def snippet(result_name: str, chosen: Candidate) -> str:
     return tomli_w.dumps({"mixes": {result_name: entries}})
 
 
-def run_search(audit, settings: SearchSettings) -> SearchResult:
+def run_search(audit: Evaluator, settings: SearchSettings) -> SearchResult:
     """Search (see the module doc) on ``audit``'s work folder; writes ``<work>/search/``.
 
     Raises:
