@@ -123,3 +123,18 @@ def test_onnx_models_of_another_shape_or_model_are_refused(t2v_export, ti2v):
         assemble(t2v_export.model, parse_variant("onnx", modules), t2v_export.root, other_shape)
     with pytest.raises(UserError, match="fingerprint"):
         assemble(ti2v, parse_variant("onnx", present_modules(ti2v.pipe)), t2v_export.root, SMALL)
+
+
+def test_a_model_file_replaced_after_export_is_refused(t2v_export, tmp_path):
+    """The manifest's SHA-256 is checked when a module is loaded: a file swapped in by hand (here a
+    valid model of the other expert) is refused by name, not run under the old name."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(t2v_export.root / "onnx", root / "onnx")
+    fp32 = root / "onnx" / "fp32"
+    shutil.copyfile(fp32 / "transformer_2.onnx", fp32 / "transformer.onnx")
+    variant = parse_variant("onnx@transformer", present_modules(t2v_export.model.pipe))
+    with pytest.raises(UserError, match=r"transformer\.onnx: changed since .*manifest\.json recorded it"):
+        assemble(t2v_export.model, variant, root, SMALL)
+    assemble(t2v_export.model, parse_variant("onnx@transformer_2", present_modules(t2v_export.model.pipe)), root, SMALL)

@@ -18,7 +18,7 @@ from quant.pipeline.models import LoadedModel
 from quant.pipeline.modules import MODULE_IO
 from quant.pipeline.settings import GenerationSettings, shape_key
 from quant.recipes.names import onnx_dir
-from quant.support.files import atomic_write_json, sha256_file
+from quant.support.files import atomic_write_json, file_hash, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -47,6 +47,27 @@ def write_onnx_manifest(root: Path, recipe: str, model: LoadedModel, settings: G
                            **(extra or {}).get(module, {})}
     atomic_write_json(path, {"schema_version": 1, "recipe": recipe, "model": model.identity(),
                              "shape": shape_key(settings), "modules": entries})
+
+
+def verify_file(path: Path, manifest: dict, module: str) -> Path:
+    """``path`` as its manifest recorded it: a file replaced since (by hand, or by another tool)
+    is refused instead of being run under the old name.
+
+    Raises:
+        UserError: the module is not listed, or the file's SHA-256 differs from the recorded one.
+    """
+    entry = manifest.get("modules", {}).get(module)
+    if entry is None:
+        raise UserError(f"{Path(path).parent / MANIFEST}: no '{module}' model listed; export or quantize it first")
+    if not Path(path).is_file():
+        raise UserError(f"{path}: ONNX model not found")
+    if entry.get("sha256") and file_hash(Path(path)) != entry["sha256"]:
+        from quant.recipes.quantize import check_onnx_file
+
+        check_onnx_file(Path(path))  # a damaged file says so; a valid one was replaced:
+        raise UserError(f"{path}: changed since {Path(path).parent / MANIFEST} recorded it (SHA-256 differs); "
+                        "export or quantize it again")
+    return Path(path)
 
 
 def check_onnx_folder(root: Path, recipe: str, model: LoadedModel, settings: GenerationSettings) -> dict:

@@ -25,7 +25,7 @@ from quant.support.files import atomic_write_json
 from quant.pipeline.models import LoadedModel
 from quant.pipeline.ort_modules import open_session
 from quant.pipeline.settings import shape_key
-from quant.recipes.manifest import check_onnx_folder, previous_modules, write_onnx_manifest
+from quant.recipes.manifest import check_onnx_folder, previous_modules, verify_file, write_onnx_manifest
 from quant.recipes.census import holdout_errors
 from quant.stages.quantize import report_path
 from quant.pipeline.settings import GenerationSettings
@@ -44,10 +44,10 @@ def emulate_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pat
                      modules: list[str], calibration: CalibrationSet) -> dict:
     """Emulate ``recipe`` (``<quantized recipe>~<target>``) for ``modules``; returns the report."""
     source, target = split_target(recipe)
-    check_onnx_folder(root, source, model, settings)
+    quantized = check_onnx_folder(root, source, model, settings)
     entries = {}
     for module in modules:
-        src, dst = onnx_path(root, source, module), onnx_path(root, recipe, module)
+        src, dst = verify_file(onnx_path(root, source, module), quantized, module), onnx_path(root, recipe, module)
         result = emulate_model(src, dst, target)
         reference = open_session(onnx_path(root, "onnx", module))
         with tempfile.TemporaryDirectory() as tmp:

@@ -29,8 +29,7 @@ from quant.support.files import atomic_write_json
 from quant.pipeline.models import LoadedModel
 from quant.pipeline.ort_modules import STAND_INS, open_session
 from quant.pipeline.sampling import generate_video
-from quant.recipes.manifest import MANIFEST, check_onnx_folder
-from quant.errors import UserError
+from quant.recipes.manifest import check_onnx_folder, verify_file
 from quant.pipeline.prompts import prompt_id
 from quant.pipeline.settings import GenerationSettings
 from quant.recipes.names import Variant, onnx_path, split_target
@@ -97,8 +96,7 @@ def _finished(folder: Path, key: str | None) -> dict[tuple[str, int], VideoRecor
 
 
 def _stand_in(model: LoadedModel, module: str, recipe: str, path: Path, manifest: dict):
-    if module not in manifest.get("modules", {}):
-        raise UserError(f"{path.parent / MANIFEST}: no '{module}' model listed; export or quantize it first")
+    verify_file(path, manifest, module)
     original = model.pipe.vae if module == "vae_decoder" else getattr(model.pipe, module)
     emulated = split_target(recipe)[1] is not None  # an emulation is float math: never fused by ORT
     return STAND_INS[module](open_session(path, optimize=not emulated), original.config, str(path))

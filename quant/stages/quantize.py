@@ -23,7 +23,7 @@ from quant.support.files import atomic_write_json
 from quant.pipeline.models import LoadedModel
 from quant.pipeline.modules import MODULE_IO, check_module_name, present_modules
 from quant.pipeline.settings import shape_key
-from quant.recipes.manifest import check_onnx_folder, previous_modules, write_onnx_manifest
+from quant.recipes.manifest import check_onnx_folder, previous_modules, verify_file, write_onnx_manifest
 from quant.support.progress import progress
 from quant.recipes.census import module_report
 from quant.recipes.quantize import QuantizeOptions, quantize
@@ -51,7 +51,7 @@ def quantize_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pa
     if not record(recipe).quantizes:
         raise UserError(f"recipe '{recipe}' is not a quantization recipe (use fp16, int8, int8-dynamic, inc-int8)")
     root = Path(root)
-    check_onnx_folder(root, "onnx", model, settings)
+    exported = check_onnx_folder(root, "onnx", model, settings)
     calibration = calibration or open_calibration(root, model)
     if shape_key(calibration.manifest["settings"]) != shape_key(settings):
         raise UserError(f"{calibration.folder}: calibration was captured at {shape_key(calibration.manifest['settings'])}, "
@@ -60,7 +60,7 @@ def quantize_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pa
     names = [check_module_name(m, available) for m in modules] if modules else available
     entries = {}
     for module in progress(names, f"quantize {recipe}", "module", show_progress):
-        src, dst = onnx_path(root, "onnx", module), onnx_path(root, recipe, module)
+        src, dst = verify_file(onnx_path(root, "onnx", module), exported, module), onnx_path(root, recipe, module)
         result = quantize(src, dst, base_recipe(recipe), lambda m=module: calibration.reader(m), options,
                           torch_module=lambda m=module: torch_module(model.pipe, m),
                           input_names=MODULE_IO[module].inputs, output_names=MODULE_IO[module].outputs)

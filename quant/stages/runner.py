@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from quant.stages.ledger import Ledger, stage_key
-from quant.support.files import sha256_file
+from quant.support.files import file_hash
 
 
 @dataclass(frozen=True)
@@ -63,18 +63,6 @@ def source_hash(modules: tuple[str, ...]) -> str:
             raise ValueError(f"stage source {name!r} is not an importable module")
         digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
     return digest.hexdigest()[:16]
-
-
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_hash(path: Path) -> str:
-    """SHA-256 of a file's content, cached per (path, size, mtime) in this process."""
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = sha256_file(Path(path))
-    return _FILE_HASHES[key]
 
 
 @dataclass
