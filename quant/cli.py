@@ -270,7 +270,9 @@ def cmd_history(args) -> int:
     from reports.console import history_tables
     from reports.dashboard import render_dashboard
 
-    path = args.out / history.DB_NAME
+    from quant.stages.workspace import Workspace
+
+    path = Workspace(args.out).history
     if not path.is_file():
         raise UserError(f"{path}: no history yet; `quant-audit run --out {args.out}` writes it")
     print(history_tables(history.runs(path), history.trend(path), args.metric))

@@ -552,7 +552,7 @@ def _publish(audit: Audit, tables: dict[str, pd.DataFrame], baseline: str | None
     from reports.junit import write_junit
 
     parity = _read_json(audit.work / "parity.json")
-    db = audit.out / history.DB_NAME
+    db = audit.workspace.history
     baseline_rows = None if baseline is None else Baseline(baseline, history.run_metrics(db, baseline),
                                                            history.run_target(db, baseline))
     entries, checked = evaluate(audit, tables["summary"], baseline_rows)
@@ -629,7 +629,7 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
     config_key = stage_key({"config": config.to_dict(), "model": model.fingerprint, "target": target.id})
     base = None
     if baseline:
-        base, why = history.resolve_baseline(out / history.DB_NAME, baseline, model.fingerprint, target.id)
+        base, why = history.resolve_baseline(Workspace(out).history, baseline, model.fingerprint, target.id)
         if why:
             print(why, file=sys.stderr)
     with locked_work(out, model.fingerprint):

@@ -45,6 +45,7 @@ from quant.pipeline.settings import GenerationSettings
 from quant.recipes.census import latency_ms, precision_census, precision_counts
 from quant.recipes.names import Variant, base_recipe, keep_recipe, onnx_path
 from quant.stages.calibrate import CalibrationSet
+from quant.stages.workspace import Workspace
 
 SCHEMA_VERSION = 1
 
@@ -285,14 +286,14 @@ def run_search(audit: Evaluator, settings: SearchSettings) -> SearchResult:
     if settings.inc_compare:
         search.inc = compare_with_inc(search, chosen, settings.inc_compare)
     result = SearchResult(settings, chosen, sorted(search.evaluated.values(), key=lambda c: c.index), moves,
-                          attribution, references, snippet(settings.name, chosen), audit.work / "search",
+                          attribution, references, snippet(settings.name, chosen), Workspace.search(audit.work),
                           search.gates, search.searched, search.inc)
     _write(search, moves, attribution, references, time.perf_counter() - start, result)
     return result
 
 
 def _write(search: Search, moves, attribution, references, seconds: float, result: SearchResult | None = None) -> None:
-    folder = search.audit.work / "search"
+    folder = Workspace.search(search.audit.work)
     candidates = sorted(search.evaluated.values(), key=lambda c: c.index)
     table = pd.DataFrame([{"index": c.index, "variant": c.label, "passed": c.passed, "coverage": c.coverage,
                            "int8_nodes": c.int8_nodes, "latency_ms": c.latency_ms, **c.metrics,
@@ -320,6 +321,6 @@ def search_summary(work: Path) -> dict:
     import json
 
     try:
-        return json.loads((Path(work) / "search" / "search.json").read_text(encoding="utf-8"))
+        return json.loads((Workspace.search(work) / "search.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}

@@ -48,6 +48,7 @@ from quant.recipes.census import precision_census
 from quant.recipes.int8 import preprocess
 from quant.recipes.quantize import QuantizeOptions, quantize
 from quant.recipes.records import KEEPERS, RECIPES
+from quant.stages.workspace import Workspace
 from quant.recipes.names import onnx_path
 from metrics.tensor import sqnr_db
 
@@ -57,7 +58,7 @@ METHOD = ("keep-one-in-FP32: module-output SQNR against FP32 with only this node
 
 
 def sensitivity_paths(root: Path, module: str, recipe: str) -> tuple[Path, Path]:
-    folder = Path(root) / "sensitivity"
+    folder = Workspace.sensitivity(root)
     return folder / f"{module}.{recipe}.csv", folder / f"{module}.{recipe}.json"
 
 

@@ -22,8 +22,7 @@ import shutil
 from pathlib import Path
 
 from quant.recipes.names import check_name
-
-HISTORY = "history.sqlite"
+from reports.history import DB_NAME as HISTORY
 DASHBOARD = "dashboard.html"
 RUN_FILE = "run.json"
 # the work folder's own subfolders: the only places anything is ever deleted
@@ -62,6 +61,16 @@ class Workspace:
     @staticmethod
     def scores(root: Path, variant: str) -> Path:
         return Path(root) / "scores" / check_name(variant) / "frames.csv"
+
+    @staticmethod
+    def search(root: Path) -> Path:
+        """``<root>/search``: the search's record, candidates and the pinned mix."""
+        return Path(root) / "search"
+
+    @staticmethod
+    def sensitivity(root: Path) -> Path:
+        """``<root>/sensitivity``: per-layer rankings (CSV, JSON, SVG)."""
+        return Path(root) / "sensitivity"
 
     @staticmethod
     def remove(path: Path) -> None:
