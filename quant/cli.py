@@ -419,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not isinstance(sys.stdout, _QuietPipe):
         sys.stdout = _QuietPipe(sys.stdout)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:  # only the main thread may set handlers (main() called from a worker thread keeps the default)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:
+        previous = None
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -439,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         print("quant-audit: internal error (exit 3); please report it with the traceback above", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
