@@ -166,3 +166,30 @@ def test_bad_thread_count_is_a_user_error():
     with pytest.raises(UserError, match="runtime.threads must be a positive integer, got 0"):
         set_threads(0)
     set_threads(None)
+
+
+def test_dynamic_matmulinteger_emulation_matches_onnx_runtime(tmp_path):
+    """int8-dynamic's MatMulInteger (u8 activations, s8 weights) on this CPU equals the emulation of
+    this CPU's int8 path; large values make adjacent pairs saturate without VNNI."""
+    rng = np.random.default_rng(2)
+    a = rng.integers(200, 256, size=(4, 12)).astype(np.uint8)
+    w = np.zeros((12, 6), np.int8)
+    for n in range(6):  # one same-sign pair per column, even columns in a kernel pair, odd ones straddling two
+        j = 2 * rng.integers(0, 5) + (n % 2)
+        w[j, n], w[j + 1, n] = (rng.integers(110, 128, size=2) * rng.choice([-1, 1])).astype(np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w", "za"], ["y"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [4, 6])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(3, np.uint8), "za")])
+    src = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9), tmp_path / "d.onnx")
+    outputs = {}
+    for target in ("avx2", "vnni"):
+        emulate_model(src, tmp_path / f"{target}.onnx", target)
+        outputs[target] = run_session(open_session(tmp_path / f"{target}.onnx", optimize=False), {"a": a})[0]
+    assert np.array_equal(outputs["vnni"], (a.astype(np.int64) - 3) @ w.astype(np.int64))
+    assert not np.array_equal(outputs["avx2"], outputs["vnni"])  # the input does saturate
+    path = current_target().int8_path
+    if path not in outputs:
+        pytest.skip(f"this CPU has no x86 int8 SIMD path ({path})")
+    assert np.array_equal(run_session(open_session(src), {"a": a})[0], outputs[path])

@@ -175,6 +175,23 @@ def _risky(w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
     return (high > INT16[1]) | (low < INT16[0])
 
 
+def _pair_selection(w: np.ndarray, scale: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray] | None:
+    """For a MatMul weight ``w`` [K, N]: ``pick`` [K, R], the two weights of each of the R pairs
+    ``(2j, 2j+1)`` that can saturate (so ``a @ pick`` is every such raw pair sum), and ``gather``
+    [R, N], which output column each pair belongs to times ``scale[n]``. None when none can."""
+    K, N = w.shape
+    wp = np.pad(w.astype(np.int64), ((0, K % 2), (0, 0)))
+    risky = np.argwhere(_risky(wp[0::2], wp[1::2]))  # (pair j, column n)
+    if not len(risky):
+        return None
+    pick = np.zeros((wp.shape[0], len(risky)), dtype)
+    gather = np.zeros((len(risky), N), dtype)
+    for r, (j, n) in enumerate(risky):
+        pick[2 * j, r], pick[2 * j + 1, r] = wp[2 * j, n], wp[2 * j + 1, n]
+        gather[r, n] = scale[n]
+    return pick[:K], gather
+
+
 def _saturation(g: _Graph, pair_sums: str) -> str:
     clip = g.node("Clip", [pair_sums, g.add_init("lo", np.array(INT16[0], np.float32)),
                            g.add_init("hi", np.array(INT16[1], np.float32))], "clipped")
@@ -189,21 +206,12 @@ def _u8(g: _Graph, m: _QdqNode, dtype=np.float32) -> str:
 
 def _matmul_correction(g: _Graph, m: _QdqNode) -> tuple[str, int] | None:
     """Correction added to a MatMul's output: sum of ``clip(s) - s`` over saturating K pairs."""
-    w = m.weight
-    if w.ndim != 2:
+    selection = _pair_selection(m.weight, m.x_scale * m.w_scale, np.float32) if m.weight.ndim == 2 else None
+    if selection is None:
         return None
-    K, N = w.shape
-    w = np.pad(w, ((0, K % 2), (0, 0)))
-    risky = np.argwhere(_risky(w[0::2], w[1::2]))  # (pair j, column n)
-    if not len(risky):
-        return None
-    pick = np.zeros((w.shape[0], len(risky)), np.float32)
-    gather = np.zeros((len(risky), N), np.float32)
-    for r, (j, n) in enumerate(risky):
-        pick[2 * j, r], pick[2 * j + 1, r] = w[2 * j, n], w[2 * j + 1, n]
-        gather[r, n] = m.x_scale * m.w_scale[n]
-    sums = g.node("MatMul", [_u8(g, m), g.add_init("pairs", pick[:K])], "pair_sums")
-    return g.node("MatMul", [_saturation(g, sums), g.add_init("gather", gather)], "correction"), len(risky)
+    pick, gather = selection
+    sums = g.node("MatMul", [_u8(g, m), g.add_init("pairs", pick)], "pair_sums")
+    return g.node("MatMul", [_saturation(g, sums), g.add_init("gather", gather)], "correction"), pick.shape[1]
 
 
 def _conv_correction(g: _Graph, m: _QdqNode) -> tuple[str, int] | None:
@@ -247,22 +255,17 @@ def _integer_matmul(g: _Graph, node: onnx.NodeProto, saturate: bool) -> int:
     pairs = 0
     w = g.const(b)
     a_dtype = g.const(zero(2)).dtype if zero(2) and g.const(zero(2)) is not None else np.uint8
+    selection = None
     if saturate and w is not None and w.ndim == 2 and a_dtype == np.uint8:
-        K, N = w.shape
-        wp = np.pad(w.astype(np.int64), ((0, K % 2), (0, 0)))
-        risky = np.argwhere(_risky(wp[0::2], wp[1::2]))
-        if len(risky):
-            pick = np.zeros((wp.shape[0], len(risky)))
-            gather = np.zeros((len(risky), N))
-            for r, (j, n) in enumerate(risky):
-                pick[2 * j, r], pick[2 * j + 1, r] = wp[2 * j, n], wp[2 * j + 1, n]
-                gather[r, n] = 1.0
-            sums = g.node("MatMul", [a64, g.add_init("pairs", pick[:K])], "pair_sums")
-            clip = g.node("Clip", [sums, g.add_init("lo", np.array(INT16[0])), g.add_init("hi", np.array(INT16[1]))],
-                          "clipped")
-            lost = g.node("MatMul", [g.node("Sub", [clip, sums], "lost"), g.add_init("gather", gather)], "correction")
-            exact = g.node("Add", [exact, lost], "saturated")
-            pairs = len(risky)
+        selection = _pair_selection(w, np.ones(w.shape[1]), np.float64)
+    if selection is not None:
+        pick, gather = selection
+        sums = g.node("MatMul", [a64, g.add_init("pairs", pick)], "pair_sums")
+        clip = g.node("Clip", [sums, g.add_init("lo", np.array(INT16[0])), g.add_init("hi", np.array(INT16[1]))],
+                      "clipped")
+        lost = g.node("MatMul", [g.node("Sub", [clip, sums], "lost"), g.add_init("gather", gather)], "correction")
+        exact = g.node("Add", [exact, lost], "saturated")
+        pairs = pick.shape[1]
     g.graph.node.append(helper.make_node("Cast", [exact], [node.output[0]], to=TensorProto.INT32))
     return pairs
 
