@@ -25,10 +25,10 @@ from quant.errors import UserError
 from quant.gates import Gate, METRIC_DIRECTIONS, parse_gate
 from quant.pipeline.modules import MODULE_IO
 from quant.pipeline.prompts import DEFAULT_EVAL_PROMPTS, PROMPTS_DIR
-from quant.recipes.records import QUANTIZERS, RECIPES as RECORDS
+from quant.recipes.records import INTEGER, KEEPERS, QUANTIZERS, RECIPES as RECORDS
 from quant.pipeline.settings import GenerationSettings
 from quant.support.target import INT8_PATHS, check_emulation_target
-from quant.recipes.names import FLOOR, INT8_RECIPES, KEEP_RECIPES, RECIPES, base_recipe, check_name, keep_recipe, split_target
+from quant.recipes.names import FLOOR, RECIPES, base_recipe, check_name, keep_recipe, split_target
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +134,7 @@ class AuditConfig:
         return Variant(name, self.variant_modules(name, modules), noise_ulps=1 if name == FLOOR else 0)
 
     def _runs_int8(self, name: str, modules: list[str]) -> bool:
-        return any(base_recipe(r) in INT8_RECIPES for r in self.variant_modules(name, modules).values())
+        return any(base_recipe(r) in INTEGER for r in self.variant_modules(name, modules).values())
 
     def variant_modules(self, name: str, modules: list[str]) -> dict[str, str]:
         """module -> recipe for variant ``name`` on a pipeline with ``modules``."""
@@ -285,8 +285,8 @@ def _parse_mix_entry(mix: _Reader, module: str, keep: dict[str, tuple[str, ...]]
         recipe = entry.take("recipe", str, None)
         nodes = entry.take_list("keep_fp32", str, ())
         entry.done()
-        if recipe not in KEEP_RECIPES:
-            raise mix.error(module, f"recipe must be one of {', '.join(KEEP_RECIPES)} to keep nodes in FP32, got {recipe!r}")
+        if recipe not in KEEPERS:
+            raise mix.error(module, f"recipe must be one of {', '.join(KEEPERS)} to keep nodes in FP32, got {recipe!r}")
         tagged = keep_recipe(recipe, nodes)
         if tagged != recipe:
             keep[tagged] = tuple(sorted(set(nodes)))
@@ -443,8 +443,8 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
         if module not in MODULE_IO:
             raise sens.error("modules", f"unknown module '{module}' (modules: {', '.join(MODULE_IO)})")
     sens_recipe = sens.take("recipe", str, "int8")
-    if sens_recipe not in KEEP_RECIPES:
-        raise sens.error("recipe", f"expected one of {', '.join(KEEP_RECIPES)}, got {sens_recipe!r}")
+    if sens_recipe not in KEEPERS:
+        raise sens.error("recipe", f"expected one of {', '.join(KEEPERS)}, got {sens_recipe!r}")
     sens.done()
     top.done()
     config = AuditConfig(model=model, tag=tag, settings=settings, eval_prompts=eval_prompts, seeds=seeds,
@@ -489,8 +489,8 @@ def _check_variants(config: AuditConfig) -> None:
             if module and module not in MODULE_IO:
                 raise UserError(f"{config.source}: variant '{name}': unknown module '{module}'")
             used = {recipe}
-        if target is not None and not used & set(INT8_RECIPES):
-            raise UserError(f"{config.source}: {where}: '{name}' runs no int8 recipe ({', '.join(INT8_RECIPES)}) "
+        if target is not None and not used & set(INTEGER):
+            raise UserError(f"{config.source}: {where}: '{name}' runs no int8 recipe ({', '.join(INTEGER)}) "
                             "whose kernels could be emulated")
         missing = sorted(used - set(config.recipes) - {"torch", "onnx"})
         if missing and name in config.variants:

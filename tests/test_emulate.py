@@ -46,6 +46,16 @@ def _qdq_model(op: str, weight: np.ndarray, x_zero: int, pads=None, requantize: 
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
 
 
+def _matmulinteger_model(weight: np.ndarray, a_zero: int, a_shape: tuple) -> onnx.ModelProto:
+    """int8-dynamic's integer op alone: ``MatMulInteger(a uint8, weight int8, a_zero)`` -> int32."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w", "za"], ["y"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, list(a_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [a_shape[0], weight.shape[1]])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.array(a_zero, np.uint8), "za")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+
+
 def _save(model: onnx.ModelProto, path):
     onnx.save(model, str(path))
     return path
@@ -127,12 +137,7 @@ def test_float_math_of_a_dynamic_graph_replaces_matmulinteger(tmp_path):
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, size=(3, 10)).astype(np.uint8)
     w = rng.integers(-127, 128, size=(10, 5)).astype(np.int8)
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "w", "za"], ["y"])], "g",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [3, 10])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [3, 5])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(7, np.uint8), "za")])
-    src = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9), tmp_path / "d.onnx")
+    src = _save(_matmulinteger_model(w, 7, a.shape), tmp_path / "d.onnx")
     math_path = float_math_model(src, tmp_path / "float.onnx")
     assert math_path != src and "MatMulInteger" not in {n.op_type for n in onnx.load(str(math_path)).graph.node}
     out = run_session(open_session(math_path, optimize=False), {"a": a})[0]
@@ -177,12 +182,7 @@ def test_dynamic_matmulinteger_emulation_matches_onnx_runtime(tmp_path):
     for n in range(6):  # one same-sign pair per column, even columns in a kernel pair, odd ones straddling two
         j = 2 * rng.integers(0, 5) + (n % 2)
         w[j, n], w[j + 1, n] = (rng.integers(110, 128, size=2) * rng.choice([-1, 1])).astype(np.int8)
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "w", "za"], ["y"])], "g",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, 12])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [4, 6])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(3, np.uint8), "za")])
-    src = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9), tmp_path / "d.onnx")
+    src = _save(_matmulinteger_model(w, 3, a.shape), tmp_path / "d.onnx")
     outputs = {}
     for target in ("avx2", "vnni"):
         emulate_model(src, tmp_path / f"{target}.onnx", target)

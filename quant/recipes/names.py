@@ -51,8 +51,6 @@ class Variant:
         return {m: r for m, r in self.modules.items() if r != "torch"}
 
 
-KEEP_RECIPES = KEEPERS  # their handlers keep named nodes in FP32
-INT8_RECIPES = INTEGER  # run integer kernels: emulable for another target
 FLOOR = "floor"
 _KEEP = re.compile(r"^(?P<base>[a-z0-9-]+)\+keep-(?P<tag>[0-9a-f]{12})$")
 _BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -79,7 +77,7 @@ def split_target(recipe: str) -> tuple[str, str | None]:
 
 def emulated(recipe: str, target: str | None) -> str:
     """``recipe`` on ``target``'s emulated kernels when it runs integer kernels, else ``recipe``."""
-    return f"{recipe}~{target}" if target and base_recipe(recipe) in INT8_RECIPES else recipe
+    return f"{recipe}~{target}" if target and base_recipe(recipe) in INTEGER else recipe
 
 
 def keep_recipe(recipe: str, nodes) -> str:
@@ -104,10 +102,10 @@ def check_recipe(recipe: str) -> str:
     plain, target = split_target(recipe)
     if target is not None:
         check_emulation_target(target, f"recipe '{recipe}'")
-        if base_recipe(plain) not in INT8_RECIPES:
-            raise UserError(f"recipe '{recipe}': only int8 recipes ({', '.join(INT8_RECIPES)}) run on an emulated target")
+        if base_recipe(plain) not in INTEGER:
+            raise UserError(f"recipe '{recipe}': only int8 recipes ({', '.join(INTEGER)}) run on an emulated target")
     match = _KEEP.match(plain)
-    if match and match["base"] in KEEP_RECIPES:
+    if match and match["base"] in KEEPERS:
         return recipe
     if plain not in RECIPES:
         raise UserError(f"unknown recipe '{plain}' (recipes: {', '.join(RECIPES)})")
@@ -125,8 +123,8 @@ def parse_variant(name: str, modules: list[str]) -> Variant:
     plain, target = split_target(name)
     recipe, sep, module = plain.partition("@")
     check_recipe(emulated(recipe, target) if target else recipe)
-    if target and base_recipe(recipe) not in INT8_RECIPES:
-        raise UserError(f"variant '{name}': only int8 recipes ({', '.join(INT8_RECIPES)}) run on an emulated target")
+    if target and base_recipe(recipe) not in INTEGER:
+        raise UserError(f"variant '{name}': only int8 recipes ({', '.join(INTEGER)}) run on an emulated target")
     recipe = emulated(recipe, target)
     if not sep:
         return Variant(name, {m: recipe for m in modules})
