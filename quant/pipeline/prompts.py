@@ -1,8 +1,13 @@
 """Prompt files and seed lists: one prompt per line; blank lines and ``#`` comments are skipped.
 
+A line may end with ``| tag, tag``: tags that name what the prompt tests (``white``,
+``similar-colours``), reported with the prompts a variant gets wrong. The text before ``|`` is
+the prompt.
+
 Example::
 
     prompts = read_prompts(DEFAULT_EVAL_PROMPTS)
+    tags = read_prompt_tags(DEFAULT_EVAL_PROMPTS)   # [["white", "low-contrast"], [], ...]
     seeds = parse_seeds("0,1")      # [0, 1]
 """
 
@@ -13,16 +18,28 @@ from pathlib import Path
 from quant.errors import UserError
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "calibration_data" / "prompts"
-DEFAULT_EVAL_PROMPTS = PROMPTS_DIR / "eval.txt"
+# The default model (wan2.2-t2v-shapes) is judged on prompts of its world; eval.txt and
+# calibration.txt hold open-ended prompts for checkpoints trained on real video.
+DEFAULT_EVAL_PROMPTS = PROMPTS_DIR / "shapes_eval.txt"
+DEFAULT_CALIBRATION_PROMPTS = PROMPTS_DIR / "shapes_calibration.txt"
 MAX_SEED = 2**63 - 1
 
 
 def read_prompts(path: Path) -> list[str]:
-    """The prompts in ``path``, in file order.
+    """The prompts in ``path``, in file order (without their ``| tags``).
 
     Raises:
         UserError: the file is missing, unreadable, not UTF-8, or holds no prompt.
     """
+    return [prompt for prompt, _ in _read_lines(path)]
+
+
+def read_prompt_tags(path: Path) -> list[list[str]]:
+    """The tags after ``|`` of each prompt in ``path``, in file order (empty lists where none)."""
+    return [tags for _, tags in _read_lines(path)]
+
+
+def _read_lines(path: Path) -> list[tuple[str, list[str]]]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -32,11 +49,18 @@ def read_prompts(path: Path) -> list[str]:
         raise UserError(f"{path}: prompt file is not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read prompt file ({exc.strerror or exc})") from None
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
+    lines = [line.strip() for line in text.splitlines()]
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line or line.startswith("#"):
+            continue
+        prompt, bar, tags = (part.strip() for part in line.partition("|"))
+        if not prompt:
+            raise UserError(f"{path}:{number}: a line with tags ('| {tags}') but no prompt before them")
+        entries.append((prompt, [t.strip() for t in tags.split(",") if t.strip()] if bar else []))
+    if not entries:
         raise UserError(f"{path}: prompt file is empty (expected one prompt per line)")
-    return prompts
+    return entries
 
 
 def prompt_id(index: int) -> str:

@@ -37,11 +37,10 @@ from quant.pipeline.modules import present_modules
 from quant.pipeline.sampling import expert_for, generate_video
 from quant.stages.workspace import Workspace
 from quant.support.progress import progress
-from quant.pipeline.prompts import PROMPTS_DIR, read_prompts
+from quant.pipeline.prompts import DEFAULT_CALIBRATION_PROMPTS, read_prompts  # noqa: F401 - re-exported
 from quant.pipeline.settings import GenerationSettings
 
 SCHEMA_VERSION = 2  # 2: samples stratified over call positions (spread_indices)
-DEFAULT_CALIBRATION_PROMPTS = PROMPTS_DIR / "calibration.txt"
 MIN_CALIBRATION_PROMPTS = 16
 HOLDOUT_EVERY = 4  # every 4th sample is held back for SQNR
 
@@ -73,13 +72,19 @@ class CalibrationSpec:
 
 
 def check_disjoint(calibration: list[str], evaluation: list[str], calibration_path: Path, evaluation_path: Path) -> None:
-    """Raise UserError naming the first prompt that is in both sets (compared case- and space-insensitively)."""
-    norm = lambda p: " ".join(p.lower().split())  # noqa: E731
+    """Raise UserError naming the first prompt that is in both sets (compared case- and space-insensitively;
+    prompts of the shapes world by the combination they ask for, so a rephrasing is still the same)."""
+    from metrics.shapes_world import parse_prompt
+
+    def norm(prompt: str):
+        return parse_prompt(prompt) or " ".join(prompt.lower().split())
+
     evaluation_set = {norm(p) for p in evaluation}
     for prompt in calibration:
         if norm(prompt) in evaluation_set:
-            raise UserError(f"{calibration_path}: calibration prompt '{prompt}' is also in {evaluation_path}; "
-                            "calibration and evaluation prompts must not overlap")
+            raise UserError(f"{calibration_path}: calibration prompt '{prompt}' is also in {evaluation_path}"
+                            + (" (the same combination)" if parse_prompt(prompt) else "")
+                            + "; calibration and evaluation prompts must not overlap")
 
 
 def load_calibration_prompts(path: Path, evaluation_path: Path, minimum: int = MIN_CALIBRATION_PROMPTS) -> list[str]:
