@@ -52,7 +52,8 @@ def usable_cores() -> int:
 
 
 def set_threads(threads: int | None) -> int:
-    """Fix intra-op threads for ONNX Runtime sessions and torch in this process; returns the count.
+    """Fix intra-op threads for ONNX Runtime sessions, torch and the metric kernels (numba) in this
+    process; returns the count. Metric values do not depend on it (``metrics.fused``).
 
     Raises:
         UserError: a count below 1.
@@ -63,7 +64,10 @@ def set_threads(threads: int | None) -> int:
         raise UserError(f"runtime.threads must be a positive integer, got {threads!r}")
     import torch
 
+    import numba
+
     torch.set_num_threads(count)
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
     _threads = count
     return count
 
