@@ -43,7 +43,7 @@ def mse_frames(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     _check_pair(reference, candidate)
     size = float(np.prod(reference.shape[1:]))
     if reference.dtype == np.uint8 and candidate.dtype == np.uint8:
-        return np.array([fused.squared_error(r, c).sum() / size for r, c in zip(reference, candidate)], dtype=np.float64)
+        return np.array([fused.squared_error(r, c) / size for r, c in zip(reference, candidate)], dtype=np.float64)
     out = np.empty(reference.shape[0], dtype=np.float64)
     for i, (r, c) in enumerate(zip(reference, candidate)):
         diff = r.astype(np.float64) - c.astype(np.float64)
