@@ -6,7 +6,7 @@ QA := $(VENV)/bin/quant-audit
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs
 
-.PHONY: demo test install system-deps clean
+.PHONY: demo test install system-deps clean weights
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 	@$(QA) run --out $(DEMO_OUT) $(DEMO_ARGS); code=$$?; \
 	  if [ $$code -gt 1 ]; then exit $$code; fi; \
 	  echo "demo done (exit $$code: $$( [ $$code -eq 0 ] && echo 'every gate passed' || echo 'a gate failed, see the report'))"
+
+# Retrain wan2.2-t2v-shapes (the default audit's model) from its seed on clips the package renders:
+# about 30 min on 2 cores. The result replaces quant/pipeline/weights/wan2.2-t2v-shapes/ atomically.
+weights: $(STAMP)
+	$(PY) -m quant.pipeline.train_shapes --seed 0
 
 # ffmpeg is the second, independent PSNR implementation the metric tests check against; chromium
 # loads the HTML report and dashboard in the browser tests. Both are Debian packages.

@@ -153,3 +153,37 @@ def test_tiny_vae_decoder_is_well_conditioned(t2v):
         base = t2v.pipe.vae.decode(latent).sample
         moved = t2v.pipe.vae.decode(latent * (1 + 1e-6)).sample
     assert (moved - base).abs().max().item() < 1e-4
+
+
+# --- wan2.2-t2v-shapes: trained by `make weights`, loaded through the checkpoint path -------------
+
+def test_shapes_training_writes_a_checkpoint_that_loads_through_the_builtin_path(tmp_path, monkeypatch):
+    """Two steps of each phase: not a useful model, but the whole path a real training run takes
+    (render, VAE, encode, experts, EMA, save) ends in safetensors that ``load_model`` reads."""
+    from quant.pipeline import models
+    from quant.pipeline.train_shapes import train
+
+    out = tmp_path / "wan2.2-t2v-shapes"
+    info = train(out, seed=0, vae_steps=2, vae_batch=1, dit_steps=2, dit_batch=2, seeds_per_spec=1, threads=2,
+                 check_clips=2)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 5 * 2**20  # what the repository may carry
+    assert {p.suffix for p in files} <= {".json", ".safetensors"}  # no pickle
+    assert info["seed"] == 0 and set(info["vae_reconstruction_adherence"]) == {"colour_ok", "shape_ok", "motion_ok", "ok"}
+    monkeypatch.setattr(models, "SHAPES_WEIGHTS", out)
+    model = load_model("wan2.2-t2v-shapes")
+    assert model.source == "builtin" and model.fingerprint == load_model("wan2.2-t2v-shapes").fingerprint
+    pipe = model.pipe
+    assert type(pipe.transformer).__name__ == type(pipe.transformer_2).__name__ == "WanTransformer3DModel"
+    assert pipe.config.boundary_ratio == 0.875 and pipe.vae.config.z_dim == 16
+    assert fingerprint(models.build_t2v_shapes_untrained(0)) != model.fingerprint  # the steps changed the weights
+    assert all(t.data_ptr() % 64 == 0 for t in pipe.transformer.parameters())
+    assert not list(tmp_path.glob(".wan2.2-t2v-shapes.*"))  # the atomic write left no temporary folder
+
+
+def test_shapes_model_without_its_weights_says_how_to_get_them(monkeypatch, tmp_path):
+    from quant.pipeline import models
+
+    monkeypatch.setattr(models, "SHAPES_WEIGHTS", tmp_path / "missing")
+    with pytest.raises(UserError, match="make weights"):
+        load_model("wan2.2-t2v-shapes")

@@ -79,11 +79,11 @@ def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return build().eval()
 
 
-def _text_encoder(vocab_size: int):
+def _text_encoder(vocab_size: int, d_model: int = _TEXT_DIM, d_ff: int = 64, layers: int = 2):
     from transformers import UMT5Config, UMT5EncoderModel
 
     config = UMT5Config(
-        vocab_size=vocab_size, d_model=_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=vocab_size, d_model=d_model, d_kv=d_model // 4, d_ff=d_ff, num_layers=layers, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=32,
     )
     model = UMT5EncoderModel(config)
@@ -93,12 +93,13 @@ def _text_encoder(vocab_size: int):
     return model
 
 
-def _transformer(channels: int):
+def _transformer(channels: int, heads: int = 2, head_dim: int = 12, ffn_dim: int = 32, layers: int = 2,
+                 text_dim: int = _TEXT_DIM):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=channels,
-        out_channels=channels, text_dim=_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
+        out_channels=channels, text_dim=text_dim, freq_dim=256, ffn_dim=ffn_dim, num_layers=layers,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     )
 
@@ -157,9 +158,50 @@ def build_ti2v_tiny():
     )
 
 
+# wan2.2-t2v-shapes: the T2V-A14B shape, wider than wan2.2-t2v-tiny so that it can learn its
+# world, trained by `make weights` (quant/pipeline/train_shapes.py) and shipped as a diffusers
+# checkpoint folder inside the package.
+SHAPES_MODEL = "wan2.2-t2v-shapes"
+SHAPES_WEIGHTS = Path(__file__).resolve().parent / "weights" / SHAPES_MODEL
+SHAPES_TEXT_DIM = 64
+
+
+def build_t2v_shapes_untrained(seed: int = 0):
+    """The architecture of ``wan2.2-t2v-shapes`` with seeded, untrained weights (training starts here).
+
+    Two experts (boundary 0.875) of 4 blocks at width 64, a 2-layer UMT5 encoder of width 64, the
+    Wan 2.1 VAE at base width 16; 64x64x17 videos are 16x5x8x8 latents, 80 tokens.
+    """
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    tokenizer = build_tokenizer()
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_seeded(seed + 1, lambda: _text_encoder(len(tokenizer), d_model=SHAPES_TEXT_DIM, d_ff=128)),
+        vae=_seeded(seed + 2, lambda: AutoencoderKLWan(
+            base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * 16, latents_std=[1.0] * 16,
+        )),
+        scheduler=_scheduler(flow_shift=3.0),
+        transformer=_seeded(seed + 3, lambda: _transformer(16, heads=4, head_dim=16, ffn_dim=128, layers=4,
+                                                           text_dim=SHAPES_TEXT_DIM)),
+        transformer_2=_seeded(seed + 4, lambda: _transformer(16, heads=4, head_dim=16, ffn_dim=128, layers=4,
+                                                             text_dim=SHAPES_TEXT_DIM)),
+        boundary_ratio=0.875,
+    )
+
+
+def load_t2v_shapes():
+    """The trained ``wan2.2-t2v-shapes`` pipeline from the weights shipped in the package."""
+    if not (SHAPES_WEIGHTS / "model_index.json").is_file():
+        raise UserError(f"{SHAPES_WEIGHTS}: the trained weights of {SHAPES_MODEL} are missing (run `make weights`)")
+    return _load_folder(SHAPES_WEIGHTS)
+
+
 BUILTIN_MODELS: dict[str, Callable[[], object]] = {
     "wan2.2-t2v-tiny": build_t2v_tiny,
     "wan2.2-ti2v-tiny": build_ti2v_tiny,
+    SHAPES_MODEL: load_t2v_shapes,
 }
 _REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")
 

@@ -1,0 +1,256 @@
+"""Train ``wan2.2-t2v-shapes`` from a seed on clips the package renders itself (``make weights``).
+
+Two phases, both on CPU:
+
+1. the Wan VAE as an autoencoder on 9-frame windows (the causal VAE's first frame, then a 4-frame
+   chunk that reads the first frame's cache and one that reads a chunk's: every path of the
+   17-frame decode), foreground pixels weighted up; its reconstructions of held-out clips are
+   judged by ``metrics.adherence`` and recorded;
+2. the UMT5 text encoder and the two experts together, by flow matching on the VAE's latents of
+   rendered 17-frame clips: each expert on its own timestep range (``transformer`` above the
+   boundary 0.875, ``transformer_2`` below), as Wan2.2's are; 10% of prompts dropped to ``""``
+   so classifier-free guidance has an unconditional model. The experts' and encoder's weights
+   are exponential moving averages.
+
+The result is a diffusers checkpoint folder (safetensors) with ``training.json`` (seed, steps,
+losses, versions, time). Usage::
+
+    python -m quant.pipeline.train_shapes --out quant/pipeline/weights/wan2.2-t2v-shapes --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from metrics.shapes_world import BACKGROUND, all_specs, render_video
+from quant.pipeline.models import SHAPES_WEIGHTS, build_t2v_shapes_untrained
+
+FRAMES, SIZE, MAX_TOKENS = 17, 64, 32
+BOUNDARY, SHIFT = 0.875, 3.0
+# u below which the shifted sigma 3u / (1 + 2u) is under the boundary: 3u = 0.875 (1 + 2u)
+U_BOUNDARY = BOUNDARY / (SHIFT - BOUNDARY * (SHIFT - 1))
+
+
+def _to_tensor(videos: np.ndarray) -> torch.Tensor:
+    """uint8 [N, F, H, W, 3] -> float32 [N, 3, F, H, W] in [-1, 1] (the VAE's range)."""
+    x = torch.from_numpy(videos).float().div_(127.5).sub_(1.0)
+    return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def _foreground_weight(x: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
+    """Per-pixel loss weights: the object's pixels count ``weight`` times the background's."""
+    background = torch.tensor(BACKGROUND, dtype=x.dtype).div(127.5).sub(1.0).view(1, 3, 1, 1, 1)
+    foreground = (x - background).abs().amax(dim=1, keepdim=True) > 0.05
+    return 1.0 + (weight - 1.0) * foreground.float()
+
+
+def _random_clips(rng: np.random.Generator, batch: int, frames: int) -> np.ndarray:
+    specs = all_specs()
+    clips = []
+    for _ in range(batch):
+        spec = specs[rng.integers(len(specs))]
+        video = render_video(spec, FRAMES, SIZE, seed=int(rng.integers(2**31)))
+        start = int(rng.integers(0, FRAMES - frames + 1))
+        clips.append(video[start:start + frames])
+    return np.stack(clips)
+
+
+def train_vae(vae, steps: int, batch: int, lr: float, rng: np.random.Generator, log: list, frames: int = 9) -> None:
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    for step in (bar := tqdm(range(steps), desc="vae", unit="step")):
+        x = _to_tensor(_random_clips(rng, batch, frames=frames))
+        z = vae.encode(x).latent_dist.mean
+        z = z + 0.05 * z.detach().std() * torch.randn_like(z)  # a decoder robust to imperfect latents
+        y = vae.decode(z).sample
+        loss = (_foreground_weight(x) * (y - x).pow(2)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 25 == 0 or step == steps - 1:
+            log.append({"phase": "vae", "step": step, "loss": round(loss.item(), 6)})
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def check_vae(vae, seed: int, clips: int = 24) -> dict:
+    """Adherence of the VAE's reconstructions of held-out 17-frame clips: the ceiling for the pipeline."""
+    from metrics.adherence import judge_video
+
+    specs = all_specs()
+    rng = np.random.default_rng(seed + 99)
+    counts = dict.fromkeys(("colour_ok", "shape_ok", "motion_ok", "ok"), 0)
+    for i in range(clips):
+        spec = specs[int(rng.integers(len(specs)))]
+        x = _to_tensor(render_video(spec, FRAMES, SIZE, seed=int(rng.integers(2**31)))[None])
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        frames = ((y[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        verdict = judge_video(frames, spec)
+        for key in counts:
+            counts[key] += int(getattr(verdict, key))
+    return {k: round(v / clips, 3) for k, v in counts.items()}
+
+
+@torch.no_grad()
+def encode_dataset(vae, seeds_per_spec: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Latents (unnormalised) of every combination x ``seeds_per_spec`` rendered clips, and their prompts."""
+    specs = all_specs()
+    items = [(spec, seed * 1_000_003 + 7919 * k + i) for k in range(seeds_per_spec) for i, spec in enumerate(specs)]
+    latents, prompts = [], []
+    for start in tqdm(range(0, len(items), 16), desc="encode", unit="batch"):
+        chunk = items[start:start + 16]
+        x = _to_tensor(np.stack([render_video(spec, FRAMES, SIZE, seed=s) for spec, s in chunk]))
+        latents.append(vae.encode(x).latent_dist.mean)
+        prompts.extend(spec.prompt() for spec, _ in chunk)
+    return torch.cat(latents), prompts
+
+
+def _encode_text(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """WanPipeline's prompt embedding: the encoder's output, zero past each prompt's length."""
+    return text_encoder(ids, mask).last_hidden_state * mask.unsqueeze(-1).to(torch.float32)
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int, batch: int, lr: float,
+                    generator: torch.Generator, rng: np.random.Generator, log: list, ema_decay: float = 0.998) -> None:
+    tokens = pipe.tokenizer(sorted(set(prompts)) + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                            add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    index = {p: i for i, p in enumerate(sorted(set(prompts)) + [""])}
+    prompt_rows = torch.tensor([index[p] for p in prompts])
+    empty_row = index[""]
+    modules = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    emas = {name: copy.deepcopy(m).eval().requires_grad_(False) for name, m in modules.items()}
+    params = [p for m in modules.values() for p in m.parameters()]
+    for m in modules.values():
+        m.train().requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    half = batch // 2
+    for step in (bar := tqdm(range(steps), desc="denoisers", unit="step")):
+        pick = torch.from_numpy(rng.integers(0, len(latents), size=batch))
+        x0 = latents[pick]
+        rows = prompt_rows[pick].clone()
+        rows[torch.from_numpy(rng.random(batch) < 0.1)] = empty_row
+        emb = _encode_text(pipe.text_encoder, tokens.input_ids[rows], tokens.attention_mask[rows])
+        # each expert on its own range of shifted sigmas: u uniform, sigma = 3u / (1 + 2u)
+        u = torch.rand(batch, generator=generator)
+        u[:half] = U_BOUNDARY + u[:half] * (1.0 - U_BOUNDARY)
+        u[half:] = u[half:] * U_BOUNDARY
+        sigma = SHIFT * u / (1 + (SHIFT - 1) * u)
+        noise = torch.randn(x0.shape, generator=generator)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        target = noise - x0
+        loss = 0.0
+        for name, part in (("transformer", slice(0, half)), ("transformer_2", slice(half, batch))):
+            pred = modules[name](hidden_states=xt[part], timestep=sigma[part] * 1000, encoder_hidden_states=emb[part],
+                                 return_dict=False)[0]
+            loss = loss + F.mse_loss(pred, target[part]) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        schedule.step()
+        for name, m in modules.items():
+            _ema_update(emas[name], m, ema_decay if step > steps // 10 else 0.0)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 50 == 0 or step == steps - 1:
+            log.append({"phase": "denoisers", "step": step, "loss": round(loss.item(), 6)})
+    for name, m in modules.items():
+        m.load_state_dict(emas[name].state_dict())
+        m.eval().requires_grad_(False)
+
+
+def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, dit_batch: int,
+          seeds_per_spec: int, threads: int | None, check_clips: int = 24) -> dict:
+    from quant.support.environment import versions
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    started = time.monotonic()
+    pipe = build_t2v_shapes_untrained(seed)
+    log: list = []
+    train_vae(pipe.vae, vae_steps, vae_batch, 3e-3, rng, log)
+    vae_seconds = time.monotonic() - started
+    vae_check = check_vae(pipe.vae, seed, check_clips)
+    print(f"vae reconstructions judged: {vae_check}", flush=True)
+    raw, prompts = encode_dataset(pipe.vae, seeds_per_spec, seed)
+    mean = raw.mean(dim=(0, 2, 3, 4))
+    std = raw.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+    pipe.vae.register_to_config(latents_mean=[round(float(v), 6) for v in mean],
+                                latents_std=[round(float(v), 6) for v in std])
+    mean_t = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std_t = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    latents = (raw - mean_t) / std_t  # what the pipeline's sampler works in
+    train_denoisers(pipe, latents, prompts, dit_steps, dit_batch, 1e-3, generator, rng, log)
+    seconds = time.monotonic() - started
+    info = {
+        "model": "wan2.2-t2v-shapes", "seed": seed, "vae_steps": vae_steps, "vae_batch": vae_batch,
+        "denoiser_steps": dit_steps, "denoiser_batch": dit_batch, "clips_per_combination": seeds_per_spec,
+        "threads": torch.get_num_threads(), "seconds": round(seconds, 1), "vae_seconds": round(vae_seconds, 1),
+        "vae_reconstruction_adherence": vae_check,
+        "versions": versions(), "log": log,
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=SHAPES_WEIGHTS, help="checkpoint folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4000, help="denoiser steps")
+    parser.add_argument("--batch", type=int, default=48, help="denoiser batch (half per expert)")
+    parser.add_argument("--clips", type=int, default=8, help="rendered clips per combination for the denoisers")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    info = train(args.out, args.seed, args.vae_steps, args.vae_batch, args.steps, args.batch, args.clips, args.threads)
+    print(f"wrote {args.out} in {info['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
