@@ -155,10 +155,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from quant.stages.score import score_folders, write_tables
+    from quant.stages.score import PromptSet, score_folders, write_tables
     from reports.console import score_table
 
-    tables = score_folders(args.reference, args.candidate, variant=args.variant, luma=not args.no_luma)
+    prompts = PromptSet.from_file(args.prompts) if args.prompts else None
+    tables = score_folders(args.reference, args.candidate, variant=args.variant, luma=not args.no_luma, prompts=prompts)
     paths = write_tables(tables, args.out)
     print(score_table(tables.videos))
     capped = int(tables.frames["psnr_identical"].sum())
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = _model_command(sub, "export", "PyTorch modules -> FP32 ONNX, with a parity check against PyTorch", cmd_export)
-    p.add_argument("--prompts", type=Path, help="prompts whose generation supplies parity inputs (default eval.txt)")
+    p.add_argument("--prompts", type=Path, help="prompts whose generation supplies parity inputs (default calibration_data/prompts/eval.txt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--external-data", action="store_true", help="always save weights as external data")
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _model_command(sub, "calibrate", "capture calibration inputs for every module", cmd_calibrate)
     p.add_argument("--prompts", type=Path, help="calibration prompts (default calibration_data/prompts/calibration.txt)")
-    p.add_argument("--eval-prompts", type=Path, help="evaluation prompts they must not overlap (default eval.txt)")
+    p.add_argument("--eval-prompts", type=Path, help="evaluation prompts they must not overlap (default calibration_data/prompts/eval.txt)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds per prompt (default 0)")
     p.add_argument("--samples", type=int, default=16, help="samples kept per module, spread over its calls (default 16)")
 
@@ -360,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="per-frame CSV; per-video, summary and latent tables go beside it")
     p.add_argument("--variant", help="name for the candidate in the tables (default: its folder name)")
     p.add_argument("--no-luma", action="store_true", help="skip the BT.601 luma SSIM column")
+    p.add_argument("--prompts", type=Path, help="the prompt file the videos were generated from (p00 = its first "
+                   "prompt): judges prompt adherence of shapes-world videos too")
     p.set_defaults(func=cmd_score)
     return parser
 

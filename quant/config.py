@@ -24,7 +24,8 @@ import tomli_w
 from quant.errors import UserError
 from quant.gates import Gate, METRIC_DIRECTIONS, parse_gate
 from quant.pipeline.modules import MODULE_IO
-from quant.pipeline.prompts import DEFAULT_EVAL_PROMPTS, PROMPTS_DIR
+from quant.pipeline.models import DEFAULT_MODEL
+from quant.pipeline.prompts import DEFAULT_CALIBRATION_PROMPTS, DEFAULT_EVAL_PROMPTS, PROMPTS_DIR
 from quant.recipes.records import INTEGER, KEEPERS, QUANTIZERS, RECIPES as RECORDS
 from quant.pipeline.settings import GenerationSettings
 from quant.support.target import INT8_PATHS, check_emulation_target
@@ -78,12 +79,12 @@ class AuditConfig:
         regression: metric -> the largest drop against the baseline run that still passes.
     """
 
-    model: str = "wan2.2-t2v-tiny"
+    model: str = DEFAULT_MODEL
     tag: str = ""
     settings: GenerationSettings = GenerationSettings()
     eval_prompts: Path = DEFAULT_EVAL_PROMPTS
     seeds: tuple[int, ...] = (0, 1)
-    calibration_prompts: Path = PROMPTS_DIR / "calibration.txt"
+    calibration_prompts: Path = DEFAULT_CALIBRATION_PROMPTS
     calibration_seeds: tuple[int, ...] = (0,)
     calibration_samples: int = 16
     simplify: bool = False

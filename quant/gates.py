@@ -29,6 +29,8 @@ METRIC_DIRECTIONS: dict[str, int] = {
     "motion_psnr_mean": 1, "motion_psnr_min": 1, "motion_ssim_mean": 1, "motion_ssim_min": 1,
     "flicker_max": -1, "flicker_frames": -1,
     "latent_sqnr_min_db": 1, "latent_sqnr_final_db": 1,
+    # the shapes world (metrics.adherence): the fraction of videos that show what their prompt asked
+    "adherence": 1, "adherence_colour": 1, "adherence_shape": 1, "adherence_motion": 1,
 }
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _GATE = re.compile(r"^\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")

@@ -50,6 +50,9 @@ def score_table(videos) -> str:
     headers = ["variant", "video", "psnr_db", "psnr_min", "ssim_mean", "ssim_min", "motion_psnr", "flicker"]
     if has_latents:
         headers += ["latent_sqnr_min", "at step (expert)"]
+    judged = "adherence" in videos.columns
+    if judged:
+        headers += ["adherence (seen)"]
     rows = []
     for r in videos.itertuples(index=False):
         row = [r.variant, r.video, f"{r.psnr_video_db:.2f}", f"{r.psnr_min:.2f}", f"{r.ssim_mean:.5f}", f"{r.ssim_min:.5f}",
@@ -57,6 +60,9 @@ def score_table(videos) -> str:
         if has_latents:
             row += [_num(r.latent_sqnr_min_db, ".1f"),
                     "" if r.latent_sqnr_min_db != r.latent_sqnr_min_db else f"{int(r.latent_worst_step)} ({r.latent_worst_expert})"]
+        if judged:
+            row += ["" if r.adherence != r.adherence else
+                    f"{'ok' if r.adherence == 1 else 'WRONG'} ({r.seen_colour} {r.seen_shape} {r.seen_motion})"]
         rows.append(row)
     return _table(headers, rows)
 
@@ -98,11 +104,13 @@ def kernel_warnings(report: dict) -> list[str]:
 def verdict_lines(results: dict) -> str:
     """The variants of a run with their headline metrics and gate results."""
     rows = []
+    judged = any(v["metrics"].get("adherence") is not None for v in results["variants"])
     for v in results["variants"]:
         m = v["metrics"]
         failed = [g for g in v["gates"] if not g["passed"]]
         rows.append([v["name"], _num(m.get("psnr_mean"), ".2f"), _num(m.get("psnr_min"), ".2f"),
                      _num(m.get("ssim_mean"), ".4f"), _num(m.get("ssim_min"), ".4f"),
+                     *([_num(m.get("adherence"), ".3f")] if judged else []),
                      "pass" if v["passed"] else f"FAIL ({', '.join(g['metric'] for g in failed)})"])
     head = f"run {results['run_id']}: {results['model']['name']} ({results['model']['fingerprint'][:12]})"
     target = results.get("target")
@@ -112,7 +120,12 @@ def verdict_lines(results: dict) -> str:
                     for v in results["variants"] for g in v["gates"] if g.get("note")})
     findings = [f"{'WARNING' if f['status'] == 'lossy-kernels' else 'note'}: {f['recipe']} {f['module']}: {f['message']}"
                 for f in results.get("kernel_findings", []) if f["status"] in ("lossy-kernels", "float-math")]
-    table = _table(["variant", "psnr_mean", "psnr_min", "ssim_mean", "ssim_min", "gates"], rows)
+    table = _table(["variant", "psnr_mean", "psnr_min", "ssim_mean", "ssim_min", *(["adherence"] if judged else []),
+                    "gates"], rows)
+    reference = (results.get("reference_adherence") or {}).get("summary")
+    if reference:
+        head += (f"\nreference adherence: colour {reference['adherence_colour']:.0%}, shape {reference['adherence_shape']:.0%}, "
+                 f"motion {reference['adherence_motion']:.0%}, all three {reference['adherence']:.0%}")
     return "\n".join([head, table, *findings, *notes])
 
 

@@ -148,6 +148,24 @@ def _sensitivity(results: dict) -> list[dict]:
     return out
 
 
+def _adherence(results: dict) -> dict | None:
+    """The adherence table: per variant its rates, worst prompt and tag, beside PSNR/SSIM (shapes world only)."""
+    rows = []
+    for v in results["variants"]:
+        m = v["metrics"]
+        if m.get("adherence") is None:
+            continue
+        rows.append({"name": v["name"], **{k: m.get(k) for k in ("adherence", "adherence_colour", "adherence_shape",
+                                                                  "adherence_motion", "psnr_mean", "ssim_mean")},
+                     "worst_prompt": m.get("adherence_worst_prompt") or "", "worst_tag": m.get("adherence_worst_tag") or "",
+                     "failed_prompts": m.get("adherence_failed_prompts") or ""})
+    reference = (results.get("reference_adherence") or {}).get("summary")
+    if not rows and not reference:
+        return None
+    videos = len((results.get("reference_adherence") or {}).get("videos") or [])
+    return {"rows": rows, "reference": reference, "videos": videos}
+
+
 def _svg(text: str) -> Markup:
     return Markup(text)  # our own matplotlib output; matplotlib escapes the labels it draws
 
@@ -184,6 +202,7 @@ def report_context(run_dir: Path) -> dict:
         "playback": _playback(run_dir, results, main), "diff_gain": DIFF_GAIN,
         "quantization": _quantization(run_dir),
         "sensitivity": _sensitivity(results),
+        "adherence": _adherence(results),
         "search": results.get("search") or None,
         "search_svg": _svg(plots.search_curve(results["search"])) if results.get("search") else "",
         "config_toml": (run_dir / "config.toml").read_text(encoding="utf-8") if (run_dir / "config.toml").is_file() else "",

@@ -136,3 +136,34 @@ def test_latent_divergence_shows_where_the_error_enters(t2v_export, tmp_path):
     assert (low["latent_sqnr_db"] < 200.0).all()
     summary = pd.read_csv(root / "scores" / "frames.summary.csv")
     assert summary.loc[0, "latent_worst_expert"] == "transformer_2"
+
+
+def test_score_with_prompts_judges_adherence_and_names_the_worst_prompt(tmp_path, capsys):
+    """`quant-audit score --prompts`: shapes-world videos are judged from their frames alone; the
+    per-variant rate is a column of the summary and gateable, and the failed prompt is named."""
+    from metrics.shapes_world import ShapeSpec, render_video
+    from quant.gates import parse_gate
+
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a red circle moving left\na white square moving up | white\na red kite at dusk\n",
+                       encoding="utf-8")
+    ref, cand = tmp_path / "ref", tmp_path / "cand"
+    shown = {"p00": ShapeSpec("red", "circle", "left"), "p01": ShapeSpec("yellow", "square", "up"),  # p01: wrong colour
+             "p02": ShapeSpec("blue", "triangle", "down")}  # not a shapes prompt: PSNR/SSIM only
+    for pid, spec in shown.items():
+        truth = render_video(spec, seed=3)
+        _save(ref, f"{pid}_s0.npz", truth)
+        _save(cand, f"{pid}_s0.npz", truth)
+    out = tmp_path / "scores" / "frames.csv"
+    code = main(["score", "--reference", str(ref), "--candidate", str(cand), "--prompts", str(prompts),
+                 "--out", str(out), "--variant", "v"])
+    assert code == 0
+    assert "WRONG (yellow square up)" in capsys.readouterr().out
+    videos = pd.read_csv(out.with_name("frames.videos.csv")).set_index("video")
+    assert videos.loc["p00_s0", "adherence"] == 1 and videos.loc["p01_s0", "adherence"] == 0
+    assert videos.loc["p01_s0", "adherence_shape"] == 1 and pd.isna(videos.loc["p02_s0", "adherence"])
+    summary = pd.read_csv(out.with_name("frames.summary.csv")).iloc[0]
+    assert summary["adherence"] == 0.5 and summary["adherence_colour"] == 0.5
+    assert summary["adherence_worst_prompt"] == "a white square moving up"
+    assert summary["identical_frames"] == 3 * 17  # the candidates are the references: PSNR still scored
+    assert not parse_gate("adherence", ">= 0.9").passes(summary["adherence"])

@@ -51,7 +51,7 @@ from quant.pipeline.prompts import prompt_id, read_prompts
 from quant.recipes.quantize import QuantizeOptions
 from quant.recipes.records import record
 from quant.stages.quantize import quantize_pipeline, report_path
-from quant.stages.score import score_folders, table_paths, write_tables
+from quant.stages.score import PromptSet, judge_folder, score_folders, table_paths, write_tables
 from quant.support.target import Target, current_target, set_threads
 from quant.recipes.names import FLOOR, Variant, base_recipe, onnx_dir, onnx_path, split_target
 
@@ -65,7 +65,7 @@ EMULATE_SOURCES = ("quant.recipes.emulate", "quant.stages.emulate", "quant.recip
 GENERATE_SOURCES = ("quant.pipeline.sampling", "quant.pipeline.ort_modules", "quant.pipeline.video_io",
                     "quant.stages.generate")
 SCORE_SOURCES = ("quant.stages.score", "metrics.psnr", "metrics.ssim", "metrics.temporal", "metrics.tensor",
-                 "metrics.scores")
+                 "metrics.scores", "metrics.adherence", "metrics.shapes_world")
 SENSITIVITY_SOURCES = ("quant.stages.sensitivity", "quant.recipes.quantize", "quant.recipes.int8", "quant.recipes.fp16")
 
 
@@ -146,6 +146,7 @@ class Audit:
         self.settings = config.settings
         self.modules = present_modules(model.pipe)
         self.prompts = read_prompts(config.eval_prompts)
+        self.prompt_set = PromptSet.from_file(config.eval_prompts)
         self.calibration_prompts = load_calibration_prompts(config.calibration_prompts, config.eval_prompts)
         self.variants = [config.variant(n, self.modules) for n in config.variant_names(self.modules)]
         self.keys: dict[str, str] = {}
@@ -154,6 +155,7 @@ class Audit:
         self.extra_gates: dict[str, tuple] = {}  # variant -> gates not in the config (the searched mix)
         self.times: list[StageTime] = []
         self.records: dict[str, list[VideoRecord]] = {}
+        self.adherence: dict | None = None  # the reference's own adherence (reference_adherence), once judged
         # Every stage's numbers depend on the target (ORT kernels, float SIMD paths, threads), so
         # its id is in every key: one --out shared by two machines never mixes their numbers.
         self.target = target or current_target()
@@ -275,15 +277,35 @@ class Audit:
         reference = video_dir(self.work, "torch")
         for variant in progress(self.variants if variants is None else variants, label, "variant", self.show):
             inputs = {"stage": "score", "reference": self.keys["generate:torch"],
-                      "candidate": self.keys[f"generate:{variant.name}"], "metrics": _metrics_version()}
+                      "candidate": self.keys[f"generate:{variant.name}"], "metrics": _metrics_version(),
+                      "prompts": self.prompt_set.record()}
             out = self._score_path(variant.name)
             self._stage(f"score:{variant.name}", inputs, lambda v=variant, o=out: write_tables(
-                score_folders(reference, video_dir(self.work, v.name), variant=v.name, show_progress=False), o), [out],
+                score_folders(reference, video_dir(self.work, v.name), variant=v.name, show_progress=False,
+                              prompts=self.prompt_set), o), [out],
                 sources=SCORE_SOURCES)
             for kind, path in table_paths(out).items():
                 if kind != "metrics" and path.is_file():
                     parts[kind].append(pd.read_csv(path))
         return {k: pd.concat(v, ignore_index=True) for k, v in parts.items() if v}
+
+    def reference_adherence(self) -> dict | None:
+        """Whether the FP32 reference itself shows its prompts (shapes world only; None otherwise):
+        the rates, the failed prompts and one row per video."""
+        out = Workspace.scores(self.work, "torch").with_name("adherence.json")
+        inputs = {"stage": "adherence", "reference": self.keys["generate:torch"], "prompts": self.prompt_set.record()}
+
+        def judge() -> None:
+            videos, summary = judge_folder(video_dir(self.work, "torch"), self.prompt_set)
+            record = {"summary": {k: json_number(v) for k, v in summary.iloc[0].items() if k != "variant"}
+                      if len(summary) else None,
+                      "videos": [{k: json_number(v) for k, v in r.items()} for r in videos.to_dict("records")]}
+            atomic_write_json(out, record)
+
+        self._stage("adherence:torch", inputs, judge, [out], sources=SCORE_SOURCES)
+        record = json.loads(out.read_text(encoding="utf-8"))
+        self.adherence = record if record["summary"] else None
+        return self.adherence
 
     def evaluate(self, variants: list[Variant], keep: dict[str, tuple[str, ...]] | None = None,
                  label: str = "evaluate") -> pd.DataFrame:
@@ -435,8 +457,10 @@ def build_results(audit: Audit, entries: list[dict], checked: list[GateResult], 
         "verdict": verdict,
         "model": audit.model.identity(), "modules": audit.modules,
         "settings": audit.settings.to_dict(),
-        "prompts": [{"id": prompt_id(i), "text": p} for i, p in enumerate(audit.prompts)],
+        "prompts": [{"id": pid, "text": text, "tags": audit.prompt_set.tags[pid]}
+                    for pid, text in audit.prompt_set.texts.items()],
         "seeds": list(audit.config.seeds),
+        "reference_adherence": audit.adherence,
         "config": audit.config.to_dict(),
         "command": argv,
         "reproduce": shlex.join(["quant-audit", "run", "--config", str(audit.run_dir / "config.toml"), "--out", str(audit.out)]),
@@ -640,6 +664,7 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
         audit.generate()
         extras = _analyses(audit)
         tables = audit.score()
+        audit.adherence = audit.reference_adherence()
         results, checked = _publish(audit, tables, base, started, argv or sys.argv, extras)
         _write_status(audit, config_key, started, "complete", finished=results["finished"], verdict=results["verdict"])
     return AuditResult(audit.run_id, audit.run_dir, results["verdict"], results, [g for g in checked if not g.passed])

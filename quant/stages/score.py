@@ -21,9 +21,11 @@ from pathlib import Path
 import pandas as pd
 from quant.support.progress import progress
 
+from metrics.adherence import adherence_row, prompt_tags, summarize_adherence
 from metrics.scores import latent_rows, metric_parameters, score_video, summarize
 from quant.errors import UserError
 from quant.support.files import atomic_path, atomic_write_json
+from quant.pipeline.prompts import prompt_id, read_prompt_tags, read_prompts
 from quant.pipeline.video_io import LATENTS_DIR, VIDEO_SUFFIXES, load_trajectory, read_video
 
 _NAME = re.compile(r"^(?P<prompt>p\d+)_s(?P<seed>\d+)$")
@@ -37,6 +39,25 @@ class ScoreTables:
     videos: pd.DataFrame
     variants: pd.DataFrame
     latents: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The eval prompts by id (``p00``...) and their tags: what adherence is judged against."""
+
+    texts: dict[str, str]
+    tags: dict[str, list[str]]
+
+    def record(self) -> dict:
+        return {"texts": self.texts, "tags": self.tags}
+
+    @classmethod
+    def from_file(cls, path: Path) -> "PromptSet":
+        """A prompt file's prompts by id, each tagged with its colour/shape/motion (shapes prompts) and
+        the file's own ``| tags``."""
+        texts, extra = read_prompts(path), read_prompt_tags(path)
+        return cls({prompt_id(i): t for i, t in enumerate(texts)},
+                   {prompt_id(i): prompt_tags(t, e) for i, (t, e) in enumerate(zip(texts, extra))})
 
 
 def list_videos(folder: Path) -> list[Path]:
@@ -65,7 +86,20 @@ def pair_videos(reference: Path, candidate: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _score_pair(ref_path: Path, cand_path: Path, variant: str, luma: bool) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def _ids(name: str, variant: str) -> dict:
+    match = _NAME.match(name)
+    return {"variant": variant, "video": name, "prompt_id": match["prompt"] if match else "",
+            "seed": int(match["seed"]) if match else -1}
+
+
+def _adherence(frames, ids: dict, prompts: PromptSet | None) -> dict | None:
+    text = prompts.texts.get(ids["prompt_id"]) if prompts else None
+    row = adherence_row(frames, text) if text else None
+    return {**ids, **row} if row else None
+
+
+def _score_pair(ref_path: Path, cand_path: Path, variant: str, luma: bool,
+                prompts: PromptSet | None) -> tuple[pd.DataFrame, pd.DataFrame | None, dict | None]:
     reference, candidate = read_video(ref_path), read_video(cand_path)
     if reference.shape != candidate.shape:
         raise UserError(f"{cand_path}: shape {candidate.shape} differs from reference {ref_path} {reference.shape}")
@@ -74,35 +108,65 @@ def _score_pair(ref_path: Path, cand_path: Path, variant: str, luma: bool) -> tu
     except ValueError as exc:  # e.g. frames smaller than the SSIM window
         raise UserError(f"{cand_path}: {exc}") from None
     name = cand_path.stem
-    match = _NAME.match(name)
-    ids = {"variant": variant, "video": name, "prompt_id": match["prompt"] if match else "",
-           "seed": int(match["seed"]) if match else -1}
+    ids = _ids(name, variant)
+    judged = _adherence(candidate, ids, prompts)
     frames = frames.assign(**ids)[list(ids) + list(frames.columns)]
     ref_traj = load_trajectory(ref_path.parent / LATENTS_DIR / f"{name}.npz")
     cand_traj = load_trajectory(cand_path.parent / LATENTS_DIR / f"{name}.npz")
     if ref_traj is None or cand_traj is None:
-        return frames, None
+        return frames, None, judged
     try:
         steps = latent_rows(ref_traj, cand_traj)
     except ValueError as exc:
         raise UserError(f"{cand_path.parent / LATENTS_DIR / (name + '.npz')}: {exc}") from None
-    return frames, steps.assign(variant=variant, video=name)[["variant", "video"] + list(steps.columns)]
+    return frames, steps.assign(variant=variant, video=name)[["variant", "video"] + list(steps.columns)], judged
+
+
+def _with_adherence(videos: pd.DataFrame, variants: pd.DataFrame, rows: list[dict],
+                    prompts: PromptSet) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if not rows:
+        return videos, variants
+    judged = pd.DataFrame(rows)
+    videos = videos.merge(judged.drop(columns=["prompt_id", "seed"]), on=["variant", "video"], how="left")
+    summary = summarize_adherence(judged, prompts.texts, prompts.tags)
+    return videos, variants.merge(summary, on="variant", how="left")
 
 
 def score_folders(reference: Path, candidate: Path, variant: str | None = None, luma: bool = True,
-                  show_progress: bool = True) -> ScoreTables:
-    """Score every candidate video against its reference; ``variant`` defaults to the folder name."""
+                  show_progress: bool = True, prompts: PromptSet | None = None) -> ScoreTables:
+    """Score every candidate video against its reference; ``variant`` defaults to the folder name.
+
+    With ``prompts``, videos whose prompt belongs to the shapes world are also judged for
+    adherence (``metrics.adherence``): per-video columns and per-variant rates.
+    """
     variant = variant or Path(candidate).resolve().name
-    frame_parts, latent_parts = [], []
+    frame_parts, latent_parts, judged = [], [], []
     for ref_path, cand_path in progress(pair_videos(reference, candidate), f"score {variant}", "video", show_progress):
-        frames, steps = _score_pair(ref_path, cand_path, variant, luma)
+        frames, steps, verdict = _score_pair(ref_path, cand_path, variant, luma, prompts)
         frame_parts.append(frames)
         if steps is not None:
             latent_parts.append(steps)
+        if verdict is not None:
+            judged.append(verdict)
     frames = pd.concat(frame_parts, ignore_index=True)
     latents = pd.concat(latent_parts, ignore_index=True) if latent_parts else pd.DataFrame()
     videos, variants = summarize(frames, latents if len(latents) else None)
+    videos, variants = _with_adherence(videos, variants, judged, prompts)
     return ScoreTables(frames, videos, variants, latents)
+
+
+def judge_folder(folder: Path, prompts: PromptSet, variant: str = "torch") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Adherence of every video in ``folder`` on its own (no reference): per-video rows and the
+    one-row summary (empty tables when no prompt belongs to the shapes world)."""
+    rows = []
+    for path in list_videos(folder):
+        verdict = _adherence(read_video(path), _ids(path.stem, variant), prompts)
+        if verdict is not None:
+            rows.append(verdict)
+    if not rows:
+        return pd.DataFrame(), pd.DataFrame()
+    judged = pd.DataFrame(rows)
+    return judged, summarize_adherence(judged, prompts.texts, prompts.tags)
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
