@@ -18,10 +18,10 @@ from pathlib import Path
 from quant.errors import UserError
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "calibration_data" / "prompts"
-# The default model (wan2.2-t2v-shapes) is judged on prompts of its world; eval.txt and
-# calibration.txt hold open-ended prompts for checkpoints trained on real video.
-DEFAULT_EVAL_PROMPTS = PROMPTS_DIR / "shapes_eval.txt"
-DEFAULT_CALIBRATION_PROMPTS = PROMPTS_DIR / "shapes_calibration.txt"
+# eval.txt and calibration.txt hold open-ended prompts; shapes_eval.txt and shapes_calibration.txt
+# are prompts of the shapes world (metrics.shapes_world), judged for adherence.
+DEFAULT_EVAL_PROMPTS = PROMPTS_DIR / "eval.txt"
+DEFAULT_CALIBRATION_PROMPTS = PROMPTS_DIR / "calibration.txt"
 MAX_SEED = 2**63 - 1
 
 
