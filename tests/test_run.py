@@ -30,6 +30,8 @@ from quant.cli import main
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOTS = REPO / "runs" / "screenshots"
 HOSTILE_PROMPT = 'a <b>kite</b> & "sea" <script>window.__pwned = 1</script> at dusk'
+SHAPES_PROMPT = "a red circle moving left"  # a shapes-world prompt: judged for adherence
+HOSTILE_PROMPT_TAG = "<b>hard</b>"
 HOSTILE_TAG = "<i>rc1</i>"
 MODULES = ["text_encoder", "transformer", "transformer_2", "vae_decoder"]
 
@@ -82,7 +84,7 @@ class Done:
 
 def write_config(folder: Path, psnr_mean: float = 20, fps: int = 8, reduce_range: bool = False) -> Path:
     prompts = folder / "eval.txt"
-    prompts.write_text(f"a red kite flying over a windy beach at sunset\n{HOSTILE_PROMPT}\n", encoding="utf-8")
+    prompts.write_text(f"{SHAPES_PROMPT} | {HOSTILE_PROMPT_TAG}\n{HOSTILE_PROMPT}\n", encoding="utf-8")
     path = folder / f"audit-{psnr_mean:g}-{fps}{'-rr' if reduce_range else ''}.toml"
     text = CONFIG.format(prompts=prompts.as_posix(), psnr_mean=psnr_mean, fps=fps)
     if reduce_range:
@@ -129,6 +131,12 @@ def test_run_writes_the_design_run_files(audited):
     expected_attribution = [f"{r}@{m}" for r in ("fp16", "int8-dynamic") for m in MODULES]
     assert names == ["onnx", "fp16", "int8-dynamic", "mixed", "floor", "int8-dynamic~avx2", "mixed~avx2",
                      *expected_attribution]
+    reference = results["reference_adherence"]
+    assert [v["prompt_id"] for v in reference["videos"]] == ["p00"]  # the shapes prompt only
+    assert results["prompts"][0]["tags"] == ["red", "circle", "left", HOSTILE_PROMPT_TAG]
+    for variant in results["variants"]:
+        assert variant["metrics"]["adherence"] in (0.0, 1.0)  # one judged video per variant
+        assert variant["metrics"]["adherence"] == 1.0 or variant["metrics"]["adherence_worst_prompt"] == SHAPES_PROMPT
     mixed = next(v for v in results["variants"] if v["name"] == "mixed")
     assert mixed["modules"] == {"text_encoder": "fp16", "transformer": "fp16", "transformer_2": "int8-dynamic",
                                 "vae_decoder": "fp16"}
@@ -201,7 +209,7 @@ def test_same_config_reproduces_bit_identical_reference_videos(audited, t2v):
 
     manifest = json.loads((audited.run_dir / "videos" / "torch" / "manifest.json").read_text())
     hashes = {v["file"]: v["frames_sha256"] for v in manifest["videos"]}
-    video = generate_video(t2v.pipe, "a red kite flying over a windy beach at sunset", 0,
+    video = generate_video(t2v.pipe, SHAPES_PROMPT, 0,
                            GenerationSettings(height=32, width=32, num_frames=5))
     assert hashlib.sha256(video.frames.tobytes()).hexdigest() == hashes["p00_s0.npz"]
 
@@ -426,6 +434,7 @@ def test_report_loads_in_chromium_with_every_section(audited):
     html = (audited.run_dir / "report.html").read_text()
     assert "<script>window.__pwned" not in html and "&lt;script&gt;window.__pwned" in html
     assert "<i>rc1</i>" not in html and "&lt;i&gt;rc1&lt;/i&gt;" in html
+    assert HOSTILE_PROMPT_TAG not in html and "&lt;b&gt;hard&lt;/b&gt;" in html
     page = open_page(audited.run_dir / "report.html")
     try:
         shot = page.screenshot(SCREENSHOTS / "report.png")
@@ -441,6 +450,10 @@ def test_report_loads_in_chromium_with_every_section(audited):
         assert page.evaluate("window.__pwned === undefined")
         assert HOSTILE_PROMPT in page.evaluate("document.body.innerText")
         assert audited.results["model"]["fingerprint"] in page.evaluate("document.body.innerText")
+        # adherence: only the shapes prompt is judged (the tiny model's noise shows no object: rate 0)
+        assert page.evaluate("!!document.getElementById('adherence')")
+        assert SHAPES_PROMPT in page.evaluate("document.getElementById('adherence').nextElementSibling.nextElementSibling.innerText")
+        assert HOSTILE_PROMPT_TAG in page.evaluate("document.body.innerText")
     finally:
         page.close()
     assert shot.stat().st_size > 10_000
