@@ -167,3 +167,19 @@ def test_score_with_prompts_judges_adherence_and_names_the_worst_prompt(tmp_path
     assert summary["adherence_worst_prompt"] == "a white square moving up"
     assert summary["identical_frames"] == 3 * 17  # the candidates are the references: PSNR still scored
     assert not parse_gate("adherence", ">= 0.9").passes(summary["adherence"])
+
+
+def test_frame_strip_lays_out_reference_variant_and_difference(tmp_path):
+    from reports.strip import frame_strip
+
+    reference = _video(frames=3, h=16, w=20)
+    candidate = reference.copy()
+    candidate[1, 4, 5] = 255 - candidate[1, 4, 5]
+    strip = frame_strip(reference, candidate, [0, 1], scale=2)
+    assert strip.shape == (2 * (2 * 16 + 2), 2 * (3 * 20 + 4), 3)
+    assert np.array_equal(strip[0:32:2, 0:40:2], reference[0])          # row 1: reference | ...
+    assert np.array_equal(strip[0:32:2, 44:84:2], candidate[0])         # ... | variant | ...
+    diff0 = strip[0:32:2, 88:128:2]
+    assert (diff0 == diff0[0, 0]).all()                                  # identical frame: one colour
+    diff1 = strip[36:68:2, 88:128:2]
+    assert not np.array_equal(diff1[4, 5], diff0[0, 0])                  # the changed pixel shows
