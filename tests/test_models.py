@@ -165,11 +165,11 @@ def test_shapes_training_writes_a_checkpoint_that_loads_through_the_builtin_path
 
     out = tmp_path / "wan2.2-t2v-shapes"
     info = train(out, seed=0, vae_steps=2, vae_batch=1, dit_steps=2, dit_batch=2, seeds_per_spec=1, threads=2,
-                 check_clips=2)
+                 check_clips=2, vae_frame_steps=2, vae_frame_batch=2)
     files = [p for p in out.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 5 * 2**20  # what the repository may carry
     assert {p.suffix for p in files} <= {".json", ".safetensors"}  # no pickle
-    assert info["seed"] == 0 and set(info["vae_reconstruction_adherence"]) == {"colour_ok", "shape_ok", "motion_ok", "ok"}
+    assert info["seed"] == 0 and info["vae_frame_steps"] == 2 and set(info["vae_reconstruction_adherence"]) == {"colour_ok", "shape_ok", "motion_ok", "ok"}
     monkeypatch.setattr(models, "SHAPES_WEIGHTS", out)
     model = load_model("wan2.2-t2v-shapes")
     assert model.source == "builtin" and model.fingerprint == load_model("wan2.2-t2v-shapes").fingerprint
