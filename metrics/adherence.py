@@ -23,7 +23,7 @@ Example::
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -66,8 +66,8 @@ class Judgement:
     shape_iou: float
 
 
-def _coverage(frame: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(coverage in [0, 1] per pixel, the object's colour) of one frame, or None without an object."""
+def _coverage(frame: np.ndarray, background: np.ndarray) -> np.ndarray | None:
+    """Coverage in [0, 1] per pixel of the object in one frame, or None without an object."""
     pixels = frame.reshape(-1, 3).astype(np.float64)
     diff = np.abs(pixels - background).max(axis=1)
     strong = diff >= max(MIN_CONTRAST, 0.5 * diff.max())
@@ -80,7 +80,7 @@ def _coverage(frame: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np
         return None
     coverage = np.clip((pixels - background) @ axis / norm, 0.0, 1.0)
     coverage[diff < MIN_CONTRAST / 2] = 0.0
-    return coverage.reshape(frame.shape[:2]), colour
+    return coverage.reshape(frame.shape[:2])
 
 
 # Centroid offset from the bounding-box centre, and bounding-box width from the area, per shape
@@ -127,10 +127,9 @@ def observe(frames: np.ndarray) -> dict:
     backgrounds = np.median(frames.reshape(len(frames), -1, 3), axis=1)  # the object covers a few percent
     ys, xs = np.mgrid[:frames.shape[1], :frames.shape[2]] + 0.5  # pixel centres, as the renderer draws
     for index, frame in enumerate(frames):
-        found = _coverage(frame, backgrounds[index])
-        if found is None:
+        coverage = _coverage(frame, backgrounds[index])
+        if coverage is None:
             continue
-        coverage, _ = found
         mask = coverage > 0.5
         if mask.sum() < MIN_OBJECT_PIXELS:
             continue
@@ -167,11 +166,6 @@ def judge_video(frames: np.ndarray, spec: ShapeSpec) -> Judgement:
                      colour_ok and shape_ok and motion_ok, round(seen["travel"], 4), round(seen["shape_iou"], 4))
 
 
-def parse_tags(text: str) -> list[str]:
-    """Extra tags from a prompt file's ``| tag, tag`` suffix text."""
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def prompt_tags(prompt: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
     """A prompt's tags: its colour, shape and motion (when it is a shapes prompt) and ``extra``."""
     spec = parse_prompt(prompt)
@@ -185,13 +179,10 @@ def adherence_row(frames: np.ndarray, prompt: str) -> dict | None:
     spec = parse_prompt(prompt)
     if spec is None:
         return None
-    verdict = asdict(judge_video(frames, spec))
-    return {"adherence": float(verdict.pop("ok")),
-            "adherence_colour": float(verdict.pop("colour_ok")),
-            "adherence_shape": float(verdict.pop("shape_ok")),
-            "adherence_motion": float(verdict.pop("motion_ok")),
-            "seen_colour": verdict["colour"], "seen_shape": verdict["shape"], "seen_motion": verdict["direction"],
-            "travel": verdict["travel"], "shape_iou": verdict["shape_iou"]}
+    v = judge_video(frames, spec)
+    return {"adherence": float(v.ok), "adherence_colour": float(v.colour_ok), "adherence_shape": float(v.shape_ok),
+            "adherence_motion": float(v.motion_ok), "seen_colour": v.colour, "seen_shape": v.shape,
+            "seen_motion": v.direction, "travel": v.travel, "shape_iou": v.shape_iou}
 
 
 ADHERENCE_METRICS = ("adherence", "adherence_colour", "adherence_shape", "adherence_motion")
@@ -207,7 +198,8 @@ def summarize_adherence(videos: pd.DataFrame, prompts: dict[str, str], tags: dic
     Returns:
         one row per variant: the four rates, ``adherence_failed`` (how many videos),
         ``adherence_worst_prompt`` (the prompt with the lowest rate, '' when none failed),
-        ``adherence_worst_tag`` (the tag on most failed videos, '' when none failed) and
+        ``adherence_worst_tag`` (the tag on most failed videos, alphabetically first on a tie; ''
+        when none failed) and
         ``adherence_failed_prompts`` ('; '-joined prompt texts with a failed video).
     """
     rows = []
@@ -223,7 +215,7 @@ def summarize_adherence(videos: pd.DataFrame, prompts: dict[str, str], tags: dic
             worst = by_prompt.idxmin()
             counts = Counter(tag for pid in failed["prompt_id"] for tag in tags.get(pid, []))
             row["adherence_worst_prompt"] = prompts.get(worst, worst)
-            row["adherence_worst_tag"] = max(counts, key=lambda t: (counts[t], -sorted(counts).index(t))) if counts else ""
+            row["adherence_worst_tag"] = min(counts, key=lambda t: (-counts[t], t)) if counts else ""  # ties: A-Z
             row["adherence_failed_prompts"] = "; ".join(prompts.get(p, p) for p in dict.fromkeys(failed["prompt_id"]))
         else:
             row.update(adherence_worst_prompt="", adherence_worst_tag="", adherence_failed_prompts="")

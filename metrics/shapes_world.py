@@ -34,7 +34,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 # Unit step per frame (dx, dy) in image coordinates (y grows downwards).
-_STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+STEPS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 OBJECT_FRACTION = 0.25   # the object's width (bounding box) as a fraction of the frame
 TRAVEL_FRACTION = 0.5    # how far it moves over the clip, as a fraction of the frame
@@ -108,7 +108,7 @@ def trajectory(direction: str, frames: int, size: int, rng: np.random.Generator)
     direction, centred with a small random offset, at a random position across it."""
     travel = TRAVEL_FRACTION * size
     width = OBJECT_FRACTION * size
-    dx, dy = _STEP[direction]
+    dx, dy = STEPS[direction]
     margin = width / 2 + 2
     along_centre = size / 2 + rng.uniform(-0.06, 0.06) * size
     across = rng.uniform(margin + 4, size - margin - 4)
