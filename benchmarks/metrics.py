@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def main() -> int:
     ssim_err = max(abs(a - b) for a, b in zip(ours["ssim"][:both], ref["ssim"][:both]))
     psnr_err = max(abs(a - b) for a, b in zip(ours["psnr"][:both], ref["psnr"][:both]))
     float64_video_mb = args.frames * args.height * args.width * 3 * 8 / 2**20
-    print(f"CPU: {cpu_model()}, {len(__import__('os').sched_getaffinity(0))} usable cores")
+    print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} usable cores")
     print(f"pair: {args.frames} frames of {args.width}x{args.height}; PSNR + SSIM (RGB) per frame")
     print(f"{'impl':10s} {'frames':>6s} {'s/frame':>9s} {'peak RSS MB':>12s} {'above videos MB':>16s}")
     for r in (ours, ref, ff):

@@ -30,7 +30,7 @@ import numba
 import numpy as np
 
 SIGMA, TRUNCATE = 1.5, 3.5
-RADIUS = int(TRUNCATE * SIGMA + 0.5)  # 5, scipy.ndimage's rule
+RADIUS = int(TRUNCATE * SIGMA + 0.5)  # 5: scipy.ndimage's rule, as scikit-image uses
 K1, K2, DATA_RANGE = 0.01, 0.03, 255.0
 C1 = (K1 * DATA_RANGE) ** 2
 C2 = (K2 * DATA_RANGE) ** 2
@@ -132,7 +132,7 @@ def _strip(x, y, channels, taps, first, last, row_sums):
 
 @numba.njit(cache=True, parallel=True, nogil=True)
 def _ssim_sums(x, y, channels, taps, blocks):
-    """Per-channel sums of the SSIM map over the valid region, and the number of values summed."""
+    """Per-channel sums of the SSIM map over the valid region (windows inside the frame)."""
     height = x.shape[0]
     rows = height - 2 * RADIUS
     row_sums = np.zeros((rows, channels))

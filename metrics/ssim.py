@@ -26,12 +26,8 @@ from __future__ import annotations
 import numpy as np
 
 from metrics import fused
+from metrics.fused import DATA_RANGE, K1, K2, RADIUS, SIGMA  # the kernel's parameters, recorded here
 
-SIGMA = 1.5
-TRUNCATE = 3.5
-K1, K2 = 0.01, 0.03
-DATA_RANGE = 255.0
-RADIUS = int(TRUNCATE * SIGMA + 0.5)  # scipy.ndimage's rule, as scikit-image uses: 5
 WINDOW = 2 * RADIUS + 1  # 11
 LUMA_BT601 = (0.299, 0.587, 0.114)
 COLOURS = ("rgb", "luma")
