@@ -170,9 +170,9 @@ def cmd_score(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from quant.stages.calibrate import DEFAULT_CALIBRATION_PROMPTS, CalibrationSpec, calibrate, load_calibration_prompts
+    from quant.stages.calibrate import CalibrationSpec, calibrate, load_calibration_prompts
     from quant.pipeline.models import load_model
-    from quant.pipeline.prompts import DEFAULT_EVAL_PROMPTS, parse_seeds
+    from quant.pipeline.prompts import DEFAULT_CALIBRATION_PROMPTS, DEFAULT_EVAL_PROMPTS, parse_seeds
 
     settings = _settings(args)
     prompts = load_calibration_prompts(args.prompts or DEFAULT_CALIBRATION_PROMPTS, args.eval_prompts or DEFAULT_EVAL_PROMPTS)

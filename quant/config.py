@@ -24,8 +24,7 @@ import tomli_w
 from quant.errors import UserError
 from quant.gates import Gate, METRIC_DIRECTIONS, parse_gate
 from quant.pipeline.modules import MODULE_IO
-from quant.pipeline.models import DEFAULT_MODEL
-from quant.pipeline.prompts import DEFAULT_CALIBRATION_PROMPTS, DEFAULT_EVAL_PROMPTS, PROMPTS_DIR
+from quant.pipeline.prompts import DEFAULT_CALIBRATION_PROMPTS, DEFAULT_EVAL_PROMPTS
 from quant.recipes.records import INTEGER, KEEPERS, QUANTIZERS, RECIPES as RECORDS
 from quant.pipeline.settings import GenerationSettings
 from quant.support.target import INT8_PATHS, check_emulation_target
@@ -79,7 +78,7 @@ class AuditConfig:
         regression: metric -> the largest drop against the baseline run that still passes.
     """
 
-    model: str = DEFAULT_MODEL
+    model: str = "wan2.2-t2v-tiny"  # quant.pipeline.models.DEFAULT_MODEL; not imported: that module loads torch
     tag: str = ""
     settings: GenerationSettings = GenerationSettings()
     eval_prompts: Path = DEFAULT_EVAL_PROMPTS

@@ -134,13 +134,14 @@ def test_adherence_rows_and_variant_summary_name_the_worst_prompt_and_tag():
 
 
 def test_prompt_files_carry_tags_and_calibration_must_not_rephrase_an_eval_combination(tmp_path):
-    from quant.pipeline.prompts import read_prompt_tags, read_prompts
+    from quant.pipeline.prompts import read_prompt_entries, read_prompts
     from quant.stages.calibrate import check_disjoint
 
     path = tmp_path / "eval.txt"
     path.write_text("# comment\na white square moving up | white, no-hue\na red circle moving left\n", encoding="utf-8")
     assert read_prompts(path) == ["a white square moving up", "a red circle moving left"]
-    assert read_prompt_tags(path) == [["white", "no-hue"], []]
+    assert read_prompt_entries(path) == [("a white square moving up", ["white", "no-hue"]),
+                                         ("a red circle moving left", [])]
     (tmp_path / "bad.txt").write_text("| only tags\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"bad.txt:1: a line with tags"):
         read_prompts(tmp_path / "bad.txt")

@@ -16,6 +16,9 @@ MODULES = ["text_encoder", "transformer", "transformer_2", "vae_decoder"]
 def test_repository_audit_toml_is_the_default_and_round_trips(tmp_path):
     config = load_config(DEFAULT_CONFIG)
     assert config.model == "wan2.2-t2v-tiny" and config.seeds == (0, 1)
+    from quant.pipeline.models import DEFAULT_MODEL
+
+    assert AuditConfig().model == DEFAULT_MODEL  # written out in config.py so that it need not import torch
     assert config.variants == ("onnx", "fp16", "int8", "int8-dynamic", "inc-int8", "mixed")
     # the defaults in code agree with the file (nothing drifts apart)
     defaults = AuditConfig()

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import SMALL, SMALL_ARGS
-from quant.stages.calibrate import (DEFAULT_CALIBRATION_PROMPTS, MIN_CALIBRATION_PROMPTS, CalibrationSpec, NpzCalibrationReader,
+from quant.stages.calibrate import (MIN_CALIBRATION_PROMPTS, CalibrationSpec, NpzCalibrationReader,
                                calibrate, check_disjoint, load_calibration_prompts)
 from quant.cli import main
 from quant.errors import UserError
@@ -20,7 +20,7 @@ from quant.pipeline.modules import present_modules
 from quant.pipeline.ort_modules import open_session, run_session
 from quant.pipeline.sampling import generate_video
 from quant.stages.generate import assemble
-from quant.pipeline.prompts import DEFAULT_EVAL_PROMPTS, read_prompts
+from quant.pipeline.prompts import DEFAULT_CALIBRATION_PROMPTS, DEFAULT_EVAL_PROMPTS, read_prompts
 from quant.recipes.census import precision_census
 from quant.recipes.quantize import QuantizeOptions, quantize
 from quant.stages.quantize import quantize_pipeline

@@ -47,7 +47,7 @@ from quant.pipeline.models import LoadedModel, load_model
 from quant.pipeline.modules import present_modules
 from quant.pipeline.settings import shape_key
 from quant.support.progress import progress
-from quant.pipeline.prompts import prompt_id, read_prompts
+from quant.pipeline.prompts import read_prompts
 from quant.recipes.quantize import QuantizeOptions
 from quant.recipes.records import record
 from quant.stages.quantize import quantize_pipeline, report_path
@@ -145,8 +145,8 @@ class Audit:
         self.show, self.fresh = show_progress, fresh
         self.settings = config.settings
         self.modules = present_modules(model.pipe)
-        self.prompts = read_prompts(config.eval_prompts)
         self.prompt_set = PromptSet.from_file(config.eval_prompts)
+        self.prompts = self.prompt_set.prompts
         self.calibration_prompts = load_calibration_prompts(config.calibration_prompts, config.eval_prompts)
         self.variants = [config.variant(n, self.modules) for n in config.variant_names(self.modules)]
         self.keys: dict[str, str] = {}
@@ -664,7 +664,7 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
         audit.generate()
         extras = _analyses(audit)
         tables = audit.score()
-        audit.adherence = audit.reference_adherence()
+        audit.reference_adherence()
         results, checked = _publish(audit, tables, base, started, argv or sys.argv, extras)
         _write_status(audit, config_key, started, "complete", finished=results["finished"], verdict=results["verdict"])
     return AuditResult(audit.run_id, audit.run_dir, results["verdict"], results, [g for g in checked if not g.passed])

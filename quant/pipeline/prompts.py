@@ -7,7 +7,7 @@ the prompt.
 Example::
 
     prompts = read_prompts(DEFAULT_EVAL_PROMPTS)
-    tags = read_prompt_tags(DEFAULT_EVAL_PROMPTS)   # [["white", "low-contrast"], [], ...]
+    entries = read_prompt_entries(DEFAULT_EVAL_PROMPTS)   # [("a white ...", ["white"]), ...]
     seeds = parse_seeds("0,1")      # [0, 1]
 """
 
@@ -31,15 +31,15 @@ def read_prompts(path: Path) -> list[str]:
     Raises:
         UserError: the file is missing, unreadable, not UTF-8, or holds no prompt.
     """
-    return [prompt for prompt, _ in _read_lines(path)]
+    return [prompt for prompt, _ in read_prompt_entries(path)]
 
 
-def read_prompt_tags(path: Path) -> list[list[str]]:
-    """The tags after ``|`` of each prompt in ``path``, in file order (empty lists where none)."""
-    return [tags for _, tags in _read_lines(path)]
+def read_prompt_entries(path: Path) -> list[tuple[str, list[str]]]:
+    """(prompt, tags after ``|``) for each prompt in ``path``, in file order (empty lists where none).
 
-
-def _read_lines(path: Path) -> list[tuple[str, list[str]]]:
+    Raises:
+        UserError: as ``read_prompts``, and for a line with tags but no prompt.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -37,7 +37,7 @@ from quant.pipeline.modules import present_modules
 from quant.pipeline.sampling import expert_for, generate_video
 from quant.stages.workspace import Workspace
 from quant.support.progress import progress
-from quant.pipeline.prompts import DEFAULT_CALIBRATION_PROMPTS, read_prompts  # noqa: F401 - re-exported
+from quant.pipeline.prompts import read_prompts
 from quant.pipeline.settings import GenerationSettings
 
 SCHEMA_VERSION = 2  # 2: samples stratified over call positions (spread_indices)

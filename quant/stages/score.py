@@ -25,7 +25,7 @@ from metrics.adherence import adherence_row, prompt_tags, summarize_adherence
 from metrics.scores import latent_rows, metric_parameters, score_video, summarize
 from quant.errors import UserError
 from quant.support.files import atomic_path, atomic_write_json
-from quant.pipeline.prompts import prompt_id, read_prompt_tags, read_prompts
+from quant.pipeline.prompts import prompt_id, read_prompt_entries
 from quant.pipeline.video_io import LATENTS_DIR, VIDEO_SUFFIXES, load_trajectory, read_video
 
 _NAME = re.compile(r"^(?P<prompt>p\d+)_s(?P<seed>\d+)$")
@@ -55,9 +55,14 @@ class PromptSet:
     def from_file(cls, path: Path) -> "PromptSet":
         """A prompt file's prompts by id, each tagged with its colour/shape/motion (shapes prompts) and
         the file's own ``| tags``."""
-        texts, extra = read_prompts(path), read_prompt_tags(path)
-        return cls({prompt_id(i): t for i, t in enumerate(texts)},
-                   {prompt_id(i): prompt_tags(t, e) for i, (t, e) in enumerate(zip(texts, extra))})
+        entries = read_prompt_entries(path)
+        return cls({prompt_id(i): text for i, (text, _) in enumerate(entries)},
+                   {prompt_id(i): prompt_tags(text, extra) for i, (text, extra) in enumerate(entries)})
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt texts in file order (``p00`` first)."""
+        return list(self.texts.values())
 
 
 def list_videos(folder: Path) -> list[Path]:
