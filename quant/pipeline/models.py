@@ -159,8 +159,9 @@ def build_ti2v_tiny():
 
 
 # wan2.2-t2v-shapes: the T2V-A14B shape, wider than wan2.2-t2v-tiny so that it can learn its
-# world, trained by `make weights` (quant/pipeline/train_shapes.py) and shipped as a diffusers
-# checkpoint folder inside the package.
+# world, trained by `make weights` (quant/pipeline/train_shapes.py) into a diffusers checkpoint
+# folder inside the package. No weights are committed yet: the trained ones do not yet follow
+# their prompts (README, "Prompt adherence").
 SHAPES_MODEL = "wan2.2-t2v-shapes"
 SHAPES_WEIGHTS = Path(__file__).resolve().parent / "weights" / SHAPES_MODEL
 SHAPES_TEXT_DIM = 64
@@ -192,7 +193,7 @@ def build_t2v_shapes_untrained(seed: int = 0):
 
 
 def load_t2v_shapes():
-    """The trained ``wan2.2-t2v-shapes`` pipeline from the weights shipped in the package."""
+    """The trained ``wan2.2-t2v-shapes`` pipeline from the weights ``make weights`` wrote into the package."""
     if not (SHAPES_WEIGHTS / "model_index.json").is_file():
         raise UserError(f"{SHAPES_WEIGHTS}: the trained weights of {SHAPES_MODEL} are missing (run `make weights`)")
     return _load_folder(SHAPES_WEIGHTS)

@@ -36,12 +36,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from metrics.shapes_world import BACKGROUND, all_specs, render_video
-from quant.pipeline.models import SHAPES_WEIGHTS, build_t2v_shapes_untrained
+from quant.pipeline.models import SHAPES_MODEL, SHAPES_WEIGHTS, build_t2v_shapes_untrained
+from quant.pipeline.settings import GenerationSettings
+from quant.pipeline.video_io import to_uint8
 
-FRAMES, SIZE, MAX_TOKENS = 17, 64, 32
-BOUNDARY, SHIFT = 0.875, 3.0
-# u below which the shifted sigma 3u / (1 + 2u) is under the boundary: 3u = 0.875 (1 + 2u)
-U_BOUNDARY = BOUNDARY / (SHIFT - BOUNDARY * (SHIFT - 1))
+# Trained at the audit's default settings (64x64, 17 frames, 32 text tokens).
+_SETTINGS = GenerationSettings()
+FRAMES, SIZE, MAX_TOKENS = _SETTINGS.num_frames, _SETTINGS.height, _SETTINGS.max_sequence_length
 
 
 def _to_tensor(videos: np.ndarray) -> torch.Tensor:
@@ -97,11 +98,11 @@ def check_vae(vae, seed: int, clips: int = 24) -> dict:
     specs = all_specs()
     rng = np.random.default_rng(seed + 99)
     counts = dict.fromkeys(("colour_ok", "shape_ok", "motion_ok", "ok"), 0)
-    for i in range(clips):
+    for _ in range(clips):
         spec = specs[int(rng.integers(len(specs)))]
         x = _to_tensor(render_video(spec, FRAMES, SIZE, seed=int(rng.integers(2**31)))[None])
         y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        frames = ((y[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        frames = to_uint8((y[0].permute(1, 2, 3, 0).numpy() + 1) / 2)  # as the pipeline's postprocessing
         verdict = judge_video(frames, spec)
         for key in counts:
             counts[key] += int(getattr(verdict, key))
@@ -148,17 +149,20 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     half = batch // 2
+    # Each expert samples its own range of shifted sigmas, sigma = s u / (1 + (s - 1) u) with u
+    # uniform: u below u_b gives sigma below the pipeline's boundary, s u_b = b (1 + (s - 1) u_b).
+    boundary, shift = pipe.config.boundary_ratio, pipe.scheduler.config.flow_shift
+    u_boundary = boundary / (shift - boundary * (shift - 1))
     for step in (bar := tqdm(range(steps), desc="denoisers", unit="step")):
         pick = torch.from_numpy(rng.integers(0, len(latents), size=batch))
         x0 = latents[pick]
         rows = prompt_rows[pick].clone()
         rows[torch.from_numpy(rng.random(batch) < 0.1)] = empty_row
         emb = _encode_text(pipe.text_encoder, tokens.input_ids[rows], tokens.attention_mask[rows])
-        # each expert on its own range of shifted sigmas: u uniform, sigma = 3u / (1 + 2u)
         u = torch.rand(batch, generator=generator)
-        u[:half] = U_BOUNDARY + u[:half] * (1.0 - U_BOUNDARY)
-        u[half:] = u[half:] * U_BOUNDARY
-        sigma = SHIFT * u / (1 + (SHIFT - 1) * u)
+        u[:half] = u_boundary + u[:half] * (1.0 - u_boundary)  # transformer: at or above the boundary
+        u[half:] = u[half:] * u_boundary  # transformer_2: below it
+        sigma = shift * u / (1 + (shift - 1) * u)
         noise = torch.randn(x0.shape, generator=generator)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
@@ -213,7 +217,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     train_denoisers(pipe, latents, prompts, dit_steps, dit_batch, 1e-3, generator, rng, log)
     seconds = time.monotonic() - started
     info = {
-        "model": "wan2.2-t2v-shapes", "seed": seed, "vae_frame_steps": vae_frame_steps, "vae_frame_batch": vae_frame_batch,
+        "model": SHAPES_MODEL, "seed": seed, "vae_frame_steps": vae_frame_steps, "vae_frame_batch": vae_frame_batch,
         "vae_steps": vae_steps, "vae_batch": vae_batch,
         "denoiser_steps": dit_steps, "denoiser_batch": dit_batch, "clips_per_combination": seeds_per_spec,
         "threads": torch.get_num_threads(), "seconds": round(seconds, 1), "vae_seconds": round(vae_seconds, 1),
