@@ -62,12 +62,16 @@ def _heat(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     return (colours * 255).round().astype(np.uint8)
 
 
-def side_by_side(reference: np.ndarray, candidate: np.ndarray, fps: int) -> str:
-    """A data URI of an animated WebP: reference | candidate | amplified difference, frame by frame."""
+def compare_frames(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """uint8 (F, H, 3W + 4, 3): reference | candidate | |difference| x DIFF_GAIN, 2-pixel white gaps."""
     gap = np.full((reference.shape[1], 2, 3), 255, np.uint8)
-    frames = [np.concatenate([r, gap, c, gap, h], axis=1)
-              for r, c, h in zip(reference, candidate, _heat(reference, candidate))]
-    images = [Image.fromarray(f) for f in frames]
+    return np.stack([np.concatenate([r, gap, c, gap, h], axis=1)
+                     for r, c, h in zip(reference, candidate, _heat(reference, candidate))])
+
+
+def side_by_side(reference: np.ndarray, candidate: np.ndarray, fps: int) -> str:
+    """A data URI of an animated WebP of ``compare_frames``."""
+    images = [Image.fromarray(f) for f in compare_frames(reference, candidate)]
     buf = io.BytesIO()
     images[0].save(buf, format="WEBP", save_all=True, append_images=images[1:], duration=int(1000 / fps),
                    loop=0, quality=85, method=4)

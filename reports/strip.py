@@ -16,19 +16,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reports.html import DIFF_GAIN, _heat
+from reports.html import DIFF_GAIN, compare_frames
 
 
 def frame_strip(reference: np.ndarray, candidate: np.ndarray, frames: list[int], scale: int = 3) -> np.ndarray:
-    """uint8 RGB image: for each frame index a row reference | candidate | |difference| x DIFF_GAIN."""
-    heat = _heat(reference, candidate)
-    gap = np.full((reference.shape[1], 2, 3), 255, np.uint8)
-    rows = []
-    for i in frames:
-        rows.append(np.concatenate([reference[i], gap, candidate[i], gap, heat[i]], axis=1))
-        rows.append(np.full((2, rows[-1].shape[1], 3), 255, np.uint8))
-    image = np.concatenate(rows[:-1], axis=0)
-    return image.repeat(scale, axis=0).repeat(scale, axis=1)
+    """uint8 RGB image: for each frame index a row of the report's playback (``compare_frames``),
+    rows 2 pixels apart, every pixel repeated ``scale`` times."""
+    panels = compare_frames(reference[frames], candidate[frames])
+    gap = np.full((2, panels.shape[2], 3), 255, np.uint8)
+    rows = [part for panel in panels for part in (panel, gap)][:-1]
+    return np.concatenate(rows, axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
 
 
 def main(argv: list[str] | None = None) -> int:
