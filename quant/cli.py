@@ -225,6 +225,26 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
+def cmd_module(args) -> int:
+    from quant.audit.module import audit_module
+    from quant.config import AuditConfig, load_config
+    from reports.console import module_lines
+
+    # no ./audit.toml fallback: that file configures the video audit (its gates name video variants)
+    config = (load_config(args.config) if args.config else AuditConfig()).override(tag=args.tag)
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()] if args.recipes else None
+    result = audit_module(args.onnx, args.inputs, args.out, config, recipes=recipes, ranges=args.output_range,
+                          baseline=args.baseline, sensitivity=args.sensitivity,
+                          argv=["quant-audit", *(args.argv or [])])
+    print(module_lines(result.results))
+    print(f"report: {result.run_dir / 'report.html'}")
+    print(f"verdict: {result.verdict.upper()}")
+    if result.failed:
+        names = ", ".join(f"{g.variant}: {g.metric}" for g in result.failed[:8])
+        raise CheckFailed(f"{len(result.failed)} gate(s) failed: {names}")
+    return EXIT_OK
+
+
 def cmd_sensitivity(args) -> int:
     from quant.support.files import atomic_write_text
     from quant.pipeline.models import load_model
@@ -328,6 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="'latest' or a run id: fail when a metric drops beyond [regression] tolerances")
     p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished work")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("module", help="audit one ONNX model you already have: fp16/int8/int8-dynamic against FP32 "
+                       "on your own sample inputs")
+    p.add_argument("--onnx", required=True, type=Path, help="the FP32 model (external data beside it is followed)")
+    p.add_argument("--inputs", required=True, type=Path,
+                   help="folder of .npz samples keyed by the model's input names (every 4th is held back for measuring)")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="where runs, work files and history go (default runs/)")
+    p.add_argument("--recipes", help="comma-separated: fp16, int8, int8-dynamic (default: all three)")
+    p.add_argument("--config", type=Path, help="TOML config: [gates.default]/[gates.<recipe>], [quantize] int8 options, "
+                   "[runtime] threads, [regression] (default: none, only the finite gates)")
+    p.add_argument("--output-range", action="append", metavar="NAME=LO:HI",
+                   help="value range of an image output (default: detected as [-1,1], [0,1] or [0,255])")
+    p.add_argument("--tag", help="release tag recorded with the run")
+    p.add_argument("--baseline", help="'latest' or a run id: fail when a metric drops beyond [regression] tolerances")
+    p.add_argument("--sensitivity", action="store_true", help="also rank the model's layers for int8 (keep-one-in-FP32)")
+    p.set_defaults(func=cmd_module)
 
     p = sub.add_parser("sensitivity", help="rank a module's quantized nodes by what each costs (keep-one-in-FP32)")
     _add_model_args(p)

@@ -106,6 +106,7 @@ class AuditConfig:
     search: "SearchSettings | None" = None
     sensitivity: tuple[str, ...] = ()  # modules whose per-node sensitivity the run ranks
     sensitivity_recipe: str = "int8"
+    modules: dict = field(default_factory=dict)  # [modules]: module -> ExternalModule (its FP32 ONNX made elsewhere)
     source: str = "built-in defaults"
 
     def override(self, **values) -> "AuditConfig":
@@ -186,6 +187,7 @@ class AuditConfig:
             "regression": dict(self.regression),
             **({"sensitivity": {"modules": list(self.sensitivity), "recipe": self.sensitivity_recipe}}
                if self.sensitivity else {}),
+            **({"modules": {m: e.to_toml() for m, e in self.modules.items()}} if self.modules else {}),
             **({"search": {"enabled": self.search.enabled, "recipe": self.search.recipe,
                            "fallback": self.search.fallback, "objective": self.search.objective,
                            "name": self.search.name, "modules": list(self.search.modules),
@@ -338,6 +340,35 @@ def _parse_regression(reader: _Reader) -> dict[str, float]:
     return out
 
 
+def _parse_modules(reader: _Reader, base_dir: Path) -> dict:
+    """``[modules]``: ``name = "file.onnx"`` or ``[modules.name] path = ..., inputs = {...}, outputs = {...}``."""
+    from quant.recipes.external import ExternalModule
+
+    out = {}
+    for module in list(reader.table):
+        if module not in MODULE_IO:
+            raise reader.error(module, f"unknown module '{module}' (modules: {', '.join(MODULE_IO)})")
+        value = reader.table[module]
+        if isinstance(value, str):
+            reader.table.pop(module)
+            out[module] = ExternalModule((base_dir / value).resolve())
+            continue
+        entry = reader.sub(module)
+        path = entry.take("path", str, None)
+        if not path:
+            raise entry.error("path", "the ONNX file of the module is required")
+        maps = {}
+        for side in ("inputs", "outputs"):
+            table = entry.take(side, dict, {})
+            bad = [k for k, v in table.items() if not isinstance(v, str)]
+            if bad:
+                raise entry.error(f"{side}.{bad[0]}", f"expected the model's {side[:-1]} name as a string, got {table[bad[0]]!r}")
+            maps[side] = tuple(table.items())
+        entry.done()
+        out[module] = ExternalModule((base_dir / path).resolve(), maps["inputs"], maps["outputs"])
+    return out
+
+
 def _parse_search(reader: _Reader) -> SearchSettings:
     d = SearchSettings()
     enabled = reader.take("enabled", bool, d.enabled)
@@ -446,6 +477,7 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
     if sens_recipe not in KEEPERS:
         raise sens.error("recipe", f"expected one of {', '.join(KEEPERS)}, got {sens_recipe!r}")
     sens.done()
+    modules = _parse_modules(top.sub("modules"), base_dir)
     top.done()
     config = AuditConfig(model=model, tag=tag, settings=settings, eval_prompts=eval_prompts, seeds=seeds,
                          calibration_prompts=cal_prompts, calibration_seeds=cal_seeds, calibration_samples=samples,
@@ -454,7 +486,7 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
                          floor=floor, variants=variants,
                          attribution=attribution, save_latents=save_latents, fps=fps, mixes=mixes, gates=gates,
                          regression=regression, keep_fp32=keep, search=search, sensitivity=sens_modules,
-                         sensitivity_recipe=sens_recipe, source=source)
+                         sensitivity_recipe=sens_recipe, modules=modules, source=source)
     _check_variants(config)
     return config
 

@@ -31,6 +31,8 @@ METRIC_DIRECTIONS: dict[str, int] = {
     "latent_sqnr_min_db": 1, "latent_sqnr_final_db": 1,
     # the shapes world (metrics.adherence): the fraction of videos that show what their prompt asked
     "adherence": 1, "adherence_colour": 1, "adherence_shape": 1, "adherence_motion": 1,
+    # `quant-audit module` (one ONNX model): its outputs against the FP32 model's, and its speed
+    "sqnr_min_db": 1, "sqnr_mean_db": 1, "kernel_sqnr_db": 1, "speedup_vs_onnx": 1,
 }
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _GATE = re.compile(r"^\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")

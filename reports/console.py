@@ -129,6 +129,29 @@ def verdict_lines(results: dict) -> str:
     return "\n".join([head, table, *findings, *notes])
 
 
+def module_lines(results: dict) -> str:
+    """A module audit's recipes with quality, speed and gate results, then kernel findings."""
+    rows = []
+    for v in results["variants"]:
+        m = v["metrics"]
+        failed = [g for g in v["gates"] if not g["passed"]]
+        rows.append([v["name"], _num(m.get("sqnr_min_db"), ".2f"), _num(m.get("kernel_sqnr_db"), ".1f"),
+                     _num(m.get("psnr_mean"), ".2f"), _num(m.get("ssim_min"), ".4f"), _num(m.get("latency_ms"), ".3f"),
+                     _num(m.get("speedup_vs_onnx"), ".2f"), _num(m.get("size_ratio"), ".2f"),
+                     "pass" if v["passed"] else f"FAIL ({', '.join(g['metric'] for g in failed)})"])
+    target = results["target"]
+    head = (f"module audit {results['run_id']}: {results['model']['name']} ({results['model']['fingerprint'][7:19]})\n"
+            f"target {target['id']}: {target['cpu']}, int8 path {target['int8_path']}, {target['threads']} threads\n"
+            f"samples: {len(results['samples']['calibration'])} calibrate, {len(results['samples']['held_back'])} held back")
+    table = _table(["recipe", "sqnr_min_db", "kernel_sqnr", "psnr_mean", "ssim_min", "latency_ms", "speedup", "size",
+                    "gates"], rows)
+    notes = [f"note: output {name}: {o['note']}" for name, o in results["outputs"].items() if o["note"]]
+    findings = [f"{'WARNING' if e['kernel']['status'] == 'lossy-kernels' else 'note'}: {v['name']} {name}: "
+                f"{e['kernel']['message']}" for v in results["variants"] for name, e in v["outputs"].items()
+                if e["kernel"]["status"] in ("lossy-kernels", "float-math")]
+    return "\n".join([head, table, *notes, *findings])
+
+
 def history_tables(runs, rows, metric: str) -> str:
     """The run list, then ``metric`` per variant (rows) across runs (columns, oldest first)."""
     import json

@@ -174,10 +174,22 @@ class Audit:
             print(f"{done.name}: {done.seconds:.1f} s", file=sys.stderr, flush=True)
 
     def export(self) -> None:
+        """Export every module, or import the user's file where ``[modules]`` names one."""
+        from quant.recipes.external import model_files
+        from quant.stages.export import import_external
+
         options = ExportOptions(simplify=self.config.simplify)
         for module in progress(self.modules, "export", "module", self.show):
             inputs = {"stage": "export", "module": module, "simplify": options.simplify, "opset": options.opset,
                       "capture": self.prompts[:2], "settings": self.settings.to_dict()}
+            external = self.config.modules.get(module)
+            if external is not None:
+                self._stage(f"export:{module}", {**inputs, "external": external.to_toml()},
+                            lambda m=module, e=external: import_external(
+                                self.model, self.settings, self.work, self.prompts, m, e, show_progress=False),
+                            [onnx_path(self.work, "onnx", module)], files=model_files(external.path),
+                            sources=EXPORT_SOURCES + ("quant.recipes.external",))
+                continue
             self._stage(f"export:{module}", inputs, lambda m=module: export_pipeline(
                 self.model, self.settings, self.work, self.prompts, options=options, modules=[m], show_progress=False),
                 [onnx_path(self.work, "onnx", module)], sources=EXPORT_SOURCES)
@@ -630,6 +642,13 @@ def check_inputs(config: AuditConfig, model: LoadedModel, out: Path) -> None:
         if missing:
             raise UserError(f"{config.source}: {where}: model '{model.name}' has no {', '.join(missing)} "
                             f"(its modules: {', '.join(modules)})")
+    from quant.recipes.external import mapping
+
+    for module, external in config.modules.items():
+        if module not in modules:
+            raise UserError(f"{config.source}: modules.{module}: model '{model.name}' has no {module} "
+                            f"(its modules: {', '.join(modules)})")
+        mapping(external, module)  # the file is there, and its names map to the module's
     if config.search and config.search.inc_compare and config.search.inc_compare not in modules:
         raise UserError(f"{config.source}: search.inc_compare: model '{model.name}' has no {config.search.inc_compare}")
     if Workspace(out).history.exists():

@@ -189,7 +189,7 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
 
 def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, dit_batch: int,
           seeds_per_spec: int, threads: int | None, check_clips: int = 24, vae_frame_steps: int = 0,
-          vae_frame_batch: int = 16) -> dict:
+          vae_frame_batch: int = 16, vae_lr: float = 3e-3) -> dict:
     from quant.support.environment import versions
 
     if threads:
@@ -202,7 +202,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     log: list = []
     if vae_frame_steps:  # single frames: the first-frame path at a fifth of the cost, where colour is learnt
         train_vae(pipe.vae, vae_frame_steps, vae_frame_batch, 1e-3, rng, log, frames=1)
-    train_vae(pipe.vae, vae_steps, vae_batch, 3e-3, rng, log)
+    train_vae(pipe.vae, vae_steps, vae_batch, vae_lr, rng, log)
     vae_seconds = time.monotonic() - started
     vae_check = check_vae(pipe.vae, seed, check_clips)
     print(f"vae reconstructions judged: {vae_check}", flush=True)
@@ -218,7 +218,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     seconds = time.monotonic() - started
     info = {
         "model": SHAPES_MODEL, "seed": seed, "vae_frame_steps": vae_frame_steps, "vae_frame_batch": vae_frame_batch,
-        "vae_steps": vae_steps, "vae_batch": vae_batch,
+        "vae_steps": vae_steps, "vae_batch": vae_batch, "vae_lr": vae_lr,
         "denoiser_steps": dit_steps, "denoiser_batch": dit_batch, "clips_per_combination": seeds_per_spec,
         "threads": torch.get_num_threads(), "seconds": round(seconds, 1), "vae_seconds": round(vae_seconds, 1),
         "vae_reconstruction_adherence": vae_check,
@@ -253,13 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-frame-batch", type=int, default=16)
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-batch", type=int, default=4)
+    parser.add_argument("--vae-lr", type=float, default=3e-3, help="peak learning rate of the 9-frame VAE phase")
     parser.add_argument("--steps", type=int, default=4000, help="denoiser steps")
     parser.add_argument("--batch", type=int, default=48, help="denoiser batch (half per expert)")
     parser.add_argument("--clips", type=int, default=8, help="rendered clips per combination for the denoisers")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     info = train(args.out, args.seed, args.vae_steps, args.vae_batch, args.steps, args.batch, args.clips, args.threads,
-                 vae_frame_steps=args.vae_frame_steps, vae_frame_batch=args.vae_frame_batch)
+                 vae_frame_steps=args.vae_frame_steps, vae_frame_batch=args.vae_frame_batch,
+                 vae_lr=args.vae_lr)
     print(f"wrote {args.out} in {info['seconds'] / 60:.1f} min")
     return 0
 

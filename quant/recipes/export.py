@@ -71,6 +71,8 @@ class ExportRecord:
     size_bytes: int
     simplified: bool = False
     simplify_note: str = ""
+    source: str = ""  # an external file ([modules] in audit.toml) this module was imported from
+    mapping: dict | None = None  # its graph names -> ours, when imported
 
     def to_dict(self) -> dict:
         return asdict(self)

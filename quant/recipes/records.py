@@ -34,6 +34,8 @@ class Recipe:
         activation_type: takes ``int8_activation_type``.
         shares_calibration: repeated quantizations of one module (sensitivity, search) can reuse
             one pre-processed graph and onnxruntime's calibration range cache.
+        needs_torch: quantizes the PyTorch module, not the ONNX graph (unavailable to
+            ``quant-audit module``, which has only the user's ONNX file).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Recipe:
     reduce_range: bool = False
     activation_type: bool = False
     shares_calibration: bool = False
+    needs_torch: bool = False
     source: str = ""  # the module that implements it (its code is part of every stage key)
 
     def handler(self):
@@ -65,11 +68,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("int8-dynamic", "int8-dynamic", quantizes=True, keeps_nodes=True, integer_kernels=True, reduce_range=True,
            source="quant.recipes.int8"),
     Recipe("inc-int8", "inc-int8", quantizes=True, calibrated=True, integer_kernels=True, methods=("minmax", "entropy"),
-           source="quant.recipes.inc"),
+           needs_torch=True, source="quant.recipes.inc"),
 )}
 QUANTIZERS = tuple(n for n, r in RECIPES.items() if r.quantizes)
 KEEPERS = tuple(n for n, r in RECIPES.items() if r.keeps_nodes)
 INTEGER = tuple(n for n, r in RECIPES.items() if r.integer_kernels)
+ONNX_ONLY = tuple(n for n in QUANTIZERS if not RECIPES[n].needs_torch)  # what `quant-audit module` can run
 
 
 def record(recipe: str) -> Recipe:

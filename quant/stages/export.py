@@ -15,13 +15,20 @@ Example::
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import onnx
 
 from quant.pipeline.torch_modules import torch_module
 from quant.pipeline.capture import Sample, SampleList, record_inputs
 from quant.support.environment import versions
-from quant.recipes.export import ExportOptions, ExportRecord, batch_of_two, export_module, onnx_size_bytes, simplify_onnx
+from quant.errors import UserError
+from quant.recipes.export import (ExportOptions, ExportRecord, batch_of_two, export_module, onnx_size_bytes, save_model,
+                                  simplify_onnx)
+from quant.recipes.external import ExternalModule, dynamic_batch, mapping, model_files, opset as external_opset, rename_io
+from quant.recipes.quantize import EXTERNAL_DATA_BYTES
 from quant.support.files import atomic_write_json
 from quant.pipeline.models import LoadedModel
 from quant.pipeline.modules import check_module_name, present_modules
@@ -91,6 +98,44 @@ def _export_one(model, module, samples, root, options, bar) -> tuple[ExportRecor
         else:
             record.simplify_note = f"simplified graph rejected: rel-L2 {checked['p'].rel_l2:.3g}"
     return record, parity
+
+
+def import_external(model: LoadedModel, settings: GenerationSettings, root: Path, prompts: list[str], module: str,
+                    external: ExternalModule, seed: int = 0, show_progress: bool = True) -> ExportReport:
+    """Make the user's file ``external`` the FP32 ONNX of ``module``: its inputs and outputs renamed
+    to the contract (``quant.recipes.external``), saved as ``onnx/fp32/<module>.onnx`` with its
+    weights (external data followed), and parity measured against the PyTorch module on the
+    same captured inputs as our own exports.
+
+    Raises:
+        UserError: the file is missing or unmappable, or ONNX Runtime cannot run it on the
+            pipeline's inputs (shapes, types), naming the file.
+    """
+    check_modules_called(model.pipe, settings)
+    settings.check_for(model.pipe)
+    root = Path(root)
+    names = mapping(external, module)
+    recorded = capture_inputs(model, settings, prompts, seed)
+    dest = onnx_path(root, "onnx", module)
+    start = time.perf_counter()
+    with progress([module], "import", "module", show_progress):
+        graph = onnx.load(str(external.path))  # external data loaded from wherever the file names it
+        rename_io(graph, names)
+        save_model(graph, dest, graph.ByteSize() >= EXTERNAL_DATA_BYTES)
+        record = ExportRecord(module=module, path=str(dest), seconds=round(time.perf_counter() - start, 2),
+                              opset=external_opset(dest), dynamic_batch=dynamic_batch(dest),
+                              external_data=len(model_files(external.path)) > 1, size_bytes=onnx_size_bytes(dest),
+                              source=str(external.path), mapping=names)
+        samples = [s.inputs for s in spread(recorded[module], PARITY_SAMPLES)]
+        try:
+            parity = measure_parity(module, torch_module(model.pipe, module), open_session(dest), samples)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types for shape/type mismatches
+            shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in samples[0].items())
+            raise UserError(f"{external.path}: ONNX Runtime cannot run it on {module}'s inputs ({shapes}): "
+                            f"{str(exc).splitlines()[0][:200]}") from None
+    report = ExportReport([record], [parity])
+    _write_records(model, settings, root, report, prompts, seed, ExportOptions(opset=max(record.opset, 18)))
+    return report
 
 
 def _write_records(model, settings, root, report, prompts, seed, options) -> None:

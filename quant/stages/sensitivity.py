@@ -87,8 +87,9 @@ def _with_outputs(path: Path, names: list[str], dst: Path) -> Path:
     """A copy of ``path`` that also outputs the tensors ``names`` (untyped outputs, as qdq_loss_debug)."""
     model = onnx.load(str(path))
     existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
+    produced = {o for n in model.graph.node for o in n.output}
+    for name in names:  # a tensor only one of the two graphs has (the quantizer renamed it) is skipped
+        if name not in existing and name in produced:
             info = onnx.ValueInfoProto()
             info.name = name
             model.graph.output.append(info)
@@ -133,17 +134,31 @@ def node_sensitivity(model: LoadedModel, root: Path, module: str, recipe: str = 
     Raises:
         UserError: a recipe that cannot exclude single nodes, or no export/calibration under ``root``.
     """
-    if recipe not in KEEPERS:
-        raise UserError(f"sensitivity: recipe '{recipe}' cannot keep single nodes in FP32 (recipes: {', '.join(KEEPERS)})")
     root = Path(root)
     src = onnx_path(root, "onnx", module)
     if not src.is_file():
         raise UserError(f"{src}: no FP32 export of '{module}' here; run `quant-audit export --out {root}` first")
     calibration = open_calibration(root, model)
-    samples = _holdout(calibration, module)
+    io = dict(input_names=MODULE_IO[module].inputs, output_names=MODULE_IO[module].outputs)
+    table, extra = rank_nodes(src, lambda: calibration.reader(module), _holdout(calibration, module), recipe, options,
+                              module, show_progress, io)
+    write_sensitivity(root, module, recipe, table, extra)
+    return table
+
+
+def rank_nodes(src: Path, calibration, samples: list[dict], recipe: str, options: QuantizeOptions, name: str,
+               show_progress: bool = True, io: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """The ranking of the module doc for the FP32 graph ``src``: ``calibration`` makes a fresh
+    calibration reader, ``samples`` are the held-back inputs it is measured on. Returns the
+    table (``rank``, ``module`` = ``name``, ...) and what ``write_sensitivity`` records beside it.
+
+    Raises:
+        UserError: a recipe that cannot exclude single nodes, or one that quantizes no node.
+    """
+    if recipe not in KEEPERS:
+        raise UserError(f"sensitivity: recipe '{recipe}' cannot keep single nodes in FP32 (recipes: {', '.join(KEEPERS)})")
     fp32 = open_session(src)
     reference = [run_session(fp32, s)[0] for s in samples]
-    io = dict(input_names=MODULE_IO[module].inputs, output_names=MODULE_IO[module].outputs)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qa-sens-") as tmp_name:
         tmp = Path(tmp_name)
@@ -153,17 +168,17 @@ def node_sensitivity(model: LoadedModel, root: Path, module: str, recipe: str = 
             cached = QuantizeOptions(**{**options.__dict__, "calibration_cache": str(tmp / "ranges.json"),
                                         "preprocessed": True})
 
-        def build(name: str, exclude: tuple[str, ...]) -> Path:
+        def build(label: str, exclude: tuple[str, ...]) -> Path:
             opts = QuantizeOptions(**{**cached.__dict__, "nodes_to_exclude": tuple(options.nodes_to_exclude) + exclude})
-            dst = tmp / f"{name}.onnx"
-            quantize(source, dst, recipe, lambda: calibration.reader(module), opts, **io)
+            dst = tmp / f"{label}.onnx"
+            quantize(source, dst, recipe, calibration, opts, **(io or {}))
             return dst
 
         full = build("full", ())
         census = precision_census(full)
         nodes = census["int8_compute_nodes" if recipe != "fp16" else "fp16_compute_nodes"]
         if not nodes:
-            raise UserError(f"sensitivity: '{recipe}' quantizes no compute node of '{module}'; nothing to rank")
+            raise UserError(f"sensitivity: '{recipe}' quantizes no compute node of '{name}'; nothing to rank")
         graph = onnx.load(str(full), load_external_data=False).graph
         by_name = {n.name or n.output[0]: n for n in graph.node}
         full_sqnr = _output_sqnr(full, reference, samples)
@@ -172,7 +187,7 @@ def node_sensitivity(model: LoadedModel, root: Path, module: str, recipe: str = 
         activations = _activation_sqnr(full, floating, [by_name[n].output[0] for n in nodes], samples, tmp)
         units = weight_groups(floating, nodes)
         rows = []
-        for weight, members in progress(list(units.items()), f"sensitivity {module} {recipe}", "layer", show_progress):
+        for weight, members in progress(list(units.items()), f"sensitivity {name} {recipe}", "layer", show_progress):
             keep = _output_sqnr(build("keep", tuple(members)), reference, samples)
             values = [activations.get(by_name[n].output[0], math.nan) for n in members]
             finite = [v for v in values if math.isfinite(v)]
@@ -182,14 +197,13 @@ def node_sensitivity(model: LoadedModel, root: Path, module: str, recipe: str = 
                          "keep_fp32_sqnr_db": keep, "gain_db": keep - full_sqnr})
     table = pd.DataFrame(rows).sort_values("gain_db", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
-    table.insert(1, "module", module)
-    _write(root, module, recipe, table, {"full_sqnr_db": full_sqnr, "samples": len(samples),
-                                         "seconds": round(time.perf_counter() - start, 2),
-                                         "options": {k: v for k, v in cached.__dict__.items() if k != "calibration_cache"}})
-    return table
+    table.insert(1, "module", name)
+    extra = {"full_sqnr_db": full_sqnr, "samples": len(samples), "seconds": round(time.perf_counter() - start, 2),
+             "options": {k: v for k, v in cached.__dict__.items() if k != "calibration_cache"}}
+    return table, extra
 
 
-def _write(root: Path, module: str, recipe: str, table: pd.DataFrame, extra: dict) -> None:
+def write_sensitivity(root: Path, module: str, recipe: str, table: pd.DataFrame, extra: dict) -> None:
     csv_path, json_path = sensitivity_paths(root, module, recipe)
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
