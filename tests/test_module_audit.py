@@ -149,10 +149,11 @@ def test_psnr_is_the_video_metric_on_the_mapped_frames(audited, user_model):
 def test_a_rerun_reuses_the_quantized_models(audited, user_model):
     code, out, run_dir, results = audited
     assert main(["module", "--onnx", str(user_model / "restorer.onnx"), "--inputs", str(user_model / "samples"),
-                 "--out", str(out), "--recipes", "int8"]) == 0
-    second = max(out.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
-    stages = json.loads(second.read_text())["stages"]
-    assert [s["reused"] for s in stages if s["name"].startswith("quantize:")] == [True]
+                 "--out", str(out), "--recipes", "int8", "--baseline", "latest"]) == 0
+    second = json.loads(max(out.glob("*/results.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert [s["reused"] for s in second["stages"] if s["name"].startswith("quantize:")] == [True]
+    # the history row of the first run is found as this model's latest on this target
+    assert second["baseline"]["run_id"] == results["run_id"]
 
 
 @pytest.mark.parametrize("change, message", [
