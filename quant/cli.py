@@ -293,11 +293,11 @@ def cmd_history(args) -> int:
 
     from quant.stages.workspace import Workspace
 
-    path = Workspace(args.out).history
-    if not path.is_file():
-        raise UserError(f"{path}: no history yet; `quant-audit run --out {args.out}` writes it")
-    print(history_tables(history.runs(path), history.trend(path), args.metric))
-    print(f"dashboard: {render_dashboard(args.out)}")
+    store = Workspace(args.out, args.history_url).history
+    if not history.exists(store):
+        raise UserError(f"{store}: no history yet; `quant-audit run --out {args.out}` writes it")
+    print(history_tables(history.runs(store), history.trend(store), args.metric))
+    print(f"dashboard: {render_dashboard(args.out, store)}")
     return EXIT_OK
 
 
@@ -388,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("history", help="list past runs and trends from the history store")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder holding history.sqlite (default runs/)")
+    p.add_argument("--history-url", help="sqlite:///PATH or postgresql://... (default $QUANT_AUDIT_HISTORY_URL, else "
+                   "<out>/history.sqlite)")
     p.add_argument("--metric", default="psnr_mean", choices=list(METRIC_DIRECTIONS), help="metric of the trend table")
     p.set_defaults(func=cmd_history)
 

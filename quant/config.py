@@ -106,7 +106,8 @@ class AuditConfig:
     search: "SearchSettings | None" = None
     sensitivity: tuple[str, ...] = ()  # modules whose per-node sensitivity the run ranks
     sensitivity_recipe: str = "int8"
-    modules: dict = field(default_factory=dict)  # [modules]: module -> ExternalModule (its FP32 ONNX made elsewhere)
+    modules: dict = field(default_factory=dict)
+    history_url: str | None = None  # [history] url (else $QUANT_AUDIT_HISTORY_URL, else <out>/history.sqlite)  # [modules]: module -> ExternalModule (its FP32 ONNX made elsewhere)
     source: str = "built-in defaults"
 
     def override(self, **values) -> "AuditConfig":
@@ -188,6 +189,7 @@ class AuditConfig:
             **({"sensitivity": {"modules": list(self.sensitivity), "recipe": self.sensitivity_recipe}}
                if self.sensitivity else {}),
             **({"modules": {m: e.to_toml() for m, e in self.modules.items()}} if self.modules else {}),
+            **({"history": {"url": _redacted(self.history_url)}} if self.history_url else {}),
             **({"search": {"enabled": self.search.enabled, "recipe": self.search.recipe,
                            "fallback": self.search.fallback, "objective": self.search.objective,
                            "name": self.search.name, "modules": list(self.search.modules),
@@ -340,6 +342,14 @@ def _parse_regression(reader: _Reader) -> dict[str, float]:
     return out
 
 
+def _redacted(url: str) -> str:
+    """A history URL without its password (config.toml and results.json are shared; use
+    PGPASSWORD or ~/.pgpass for the secret)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def _parse_modules(reader: _Reader, base_dir: Path) -> dict:
     """``[modules]``: ``name = "file.onnx"`` or ``[modules.name] path = ..., inputs = {...}, outputs = {...}``."""
     from quant.recipes.external import ExternalModule
@@ -478,6 +488,11 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
         raise sens.error("recipe", f"expected one of {', '.join(KEEPERS)}, got {sens_recipe!r}")
     sens.done()
     modules = _parse_modules(top.sub("modules"), base_dir)
+    hist = top.sub("history")
+    history_url = hist.take("url", str, None)
+    if history_url is not None and not history_url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
+        raise hist.error("url", f"expected sqlite:///PATH or postgresql://..., got {history_url!r}")
+    hist.done()
     top.done()
     config = AuditConfig(model=model, tag=tag, settings=settings, eval_prompts=eval_prompts, seeds=seeds,
                          calibration_prompts=cal_prompts, calibration_seeds=cal_seeds, calibration_samples=samples,
@@ -486,7 +501,7 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
                          floor=floor, variants=variants,
                          attribution=attribution, save_latents=save_latents, fps=fps, mixes=mixes, gates=gates,
                          regression=regression, keep_fp32=keep, search=search, sensitivity=sens_modules,
-                         sensitivity_recipe=sens_recipe, modules=modules, source=source)
+                         sensitivity_recipe=sens_recipe, modules=modules, history_url=history_url, source=source)
     _check_variants(config)
     return config
 

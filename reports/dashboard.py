@@ -22,9 +22,10 @@ from reports.html import environment
 CHART_METRICS = ("psnr_mean", "psnr_min", "ssim_mean", "ssim_min")
 
 
-def dashboard_context(out: Path) -> dict:
-    rows = history.trend(Path(out) / history.DB_NAME)
-    all_runs = history.runs(Path(out) / history.DB_NAME)
+def dashboard_context(out: Path, store=None) -> dict:
+    store = store if store is not None else history.location(out)
+    rows = history.trend(store)
+    all_runs = history.runs(store)
     models = []
     if not rows.empty:
         for fingerprint, part in rows.groupby("fingerprint", sort=False):
@@ -36,9 +37,9 @@ def dashboard_context(out: Path) -> dict:
     return {"models": models, "title": "quant-audit dashboard", "out": str(out)}
 
 
-def render_dashboard(out: Path) -> Path:
-    """Write ``<out>/dashboard.html`` from ``<out>/history.sqlite``."""
-    page = environment().get_template("dashboard.html.j2").render(**dashboard_context(out))
+def render_dashboard(out: Path, store=None) -> Path:
+    """Write ``<out>/dashboard.html`` from the history store (default ``history.location(out)``)."""
+    page = environment().get_template("dashboard.html.j2").render(**dashboard_context(out, store))
     path = Path(out) / "dashboard.html"
     atomic_write_text(path, page)
     return path

@@ -1,56 +1,133 @@
-"""The history store: ``<out>/history.sqlite``, one row per (run, variant), for trends and regressions.
+"""The history store: one row per (run, variant), for trends and regressions, in SQLite or PostgreSQL.
 
-Schema (version in table ``meta``): ``results`` with the run id, variant, time, tag, model name
-and fingerprint, the variant's kind and module recipes, the gated metrics as columns (all of
-them as JSON in ``metrics``), the variant's verdict, whether a regression gate failed, the
-run's verdict and baseline, and the execution target (``target_id`` and the whole ``target``
-block as JSON). ``--baseline latest`` picks the newest run of the same model on the same target.
-Writers use WAL and ``BEGIN IMMEDIATE`` with a busy timeout, so two runs finishing at once both
-land (switching a new store to WAL is retried while another writer holds it). Version 1 stores
-are migrated by the first writer (their rows get no target: "unknown"); a store written by a
-newer schema is refused, not guessed at.
+Where: ``[history] url`` in ``audit.toml``, else ``QUANT_AUDIT_HISTORY_URL``, else
+``<out>/history.sqlite`` (``location``). A store is named by a path (SQLite) or a URL
+(``sqlite:///...``, ``postgresql://...``; ``postgresql://`` uses the psycopg 3 driver).
+
+One schema for both (SQLAlchemy Core, ``RESULTS``): ``results`` with the run id, variant, time,
+tag, model name and fingerprint, the variant's kind and module recipes, the gated metrics as
+columns (all of them as JSON in ``metrics``), the variant's verdict, whether a regression gate
+failed, the run's verdict and baseline, and the execution target (``target_id`` and the whole
+``target`` block as JSON); ``meta`` holds the schema version. ``--baseline latest`` picks the
+newest run of the same model on the same target.
+
+Concurrent writers: every write is one transaction that first takes the store's write lock
+(SQLite: WAL and ``BEGIN IMMEDIATE`` with a busy timeout; PostgreSQL: a transaction-scoped
+advisory lock), so two runs finishing at once both land, and the first writer creates or
+migrates the schema while the others wait. Versioned migrations (``_MIGRATIONS``) bring older
+stores forward (version 1 SQLite stores get the target columns; their rows read "unknown"); a
+store written by a newer schema is refused, not guessed at.
 
 Example::
 
-    record_run(Path("runs/history.sqlite"), results)          # results.json's content
-    resolve_baseline(Path("runs/history.sqlite"), "latest", fingerprint)   # -> run id or None
-    trend(Path("runs/history.sqlite"))                        # pandas table, one row per (run, variant)
+    store = location(Path("runs"))                     # runs/history.sqlite, or the configured URL
+    record_run(store, results)                         # results.json's content
+    resolve_baseline(store, "latest", fingerprint, target_id)   # -> (run id or None, why)
+    trend(store)                                       # pandas table, one row per (run, variant)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
-from contextlib import closing
+import zlib
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 
 from quant.errors import UserError
 
 DB_NAME = "history.sqlite"
+ENV_URL = "QUANT_AUDIT_HISTORY_URL"
 SCHEMA_VERSION = 2  # 2: target_id, target
 METRIC_COLUMNS = ("psnr_mean", "psnr_min", "psnr_p5", "ssim_mean", "ssim_min", "ssim_p5",
                   "motion_psnr_mean", "flicker_max", "latent_sqnr_min_db")
-_DDL = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS results (
-    run_id TEXT NOT NULL, variant TEXT NOT NULL, time TEXT NOT NULL, tag TEXT NOT NULL,
-    model_name TEXT NOT NULL, fingerprint TEXT NOT NULL, kind TEXT NOT NULL, modules TEXT NOT NULL,
-    {", ".join(f"{c} REAL" for c in METRIC_COLUMNS)},
-    metrics TEXT NOT NULL, verdict TEXT NOT NULL, regression_failed INTEGER NOT NULL,
-    failed_gates TEXT NOT NULL, run_verdict TEXT NOT NULL, baseline_run TEXT, target_id TEXT, target TEXT,
-    PRIMARY KEY (run_id, variant));
-CREATE INDEX IF NOT EXISTS results_by_model ON results (fingerprint, time);
-"""
+_METADATA = sa.MetaData()
+META = sa.Table("meta", _METADATA, sa.Column("key", sa.Text, primary_key=True), sa.Column("value", sa.Text, nullable=False))
+RESULTS = sa.Table(
+    "results", _METADATA,
+    sa.Column("run_id", sa.Text, primary_key=True), sa.Column("variant", sa.Text, primary_key=True),
+    sa.Column("time", sa.Text, nullable=False), sa.Column("tag", sa.Text, nullable=False),
+    sa.Column("model_name", sa.Text, nullable=False), sa.Column("fingerprint", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False), sa.Column("modules", sa.Text, nullable=False),
+    *[sa.Column(c, sa.Float) for c in METRIC_COLUMNS],
+    sa.Column("metrics", sa.Text, nullable=False), sa.Column("verdict", sa.Text, nullable=False),
+    sa.Column("regression_failed", sa.Integer, nullable=False), sa.Column("failed_gates", sa.Text, nullable=False),
+    sa.Column("run_verdict", sa.Text, nullable=False), sa.Column("baseline_run", sa.Text),
+    sa.Column("target_id", sa.Text), sa.Column("target", sa.Text),
+    sa.Index("results_by_model", "fingerprint", "time"),
+)
 _MIGRATIONS = {  # from version -> statements that bring a store to the next version
     1: ["ALTER TABLE results ADD COLUMN target_id TEXT", "ALTER TABLE results ADD COLUMN target TEXT"],
 }
 _LOCK_WAIT_S = 60.0
+_PG_LOCK = zlib.crc32(b"quant-audit history") & 0x7FFFFFFF  # the advisory lock every writer takes
 
 
-def _locked(exc: sqlite3.OperationalError) -> bool:
+def location(out: Path, url: str | None = None):
+    """The store of ``out``: ``url`` (``[history] url``), else ``$QUANT_AUDIT_HISTORY_URL``, else
+    ``<out>/history.sqlite``."""
+    chosen = url or os.environ.get(ENV_URL) or None
+    return chosen if chosen else Path(out) / DB_NAME
+
+
+def describe(store) -> str:
+    """The store for messages, without a password."""
+    if isinstance(store, Path) or "://" not in str(store):
+        return str(store)
+    return sa.engine.make_url(str(store)).render_as_string(hide_password=True)
+
+
+def _sqlite_path(store) -> Path | None:
+    if isinstance(store, Path) or "://" not in str(store):
+        return Path(store)
+    url = sa.engine.make_url(str(store))
+    return Path(url.database) if url.get_backend_name() == "sqlite" and url.database else None
+
+
+def exists(store) -> bool:
+    """Whether there is a store to read (a server always counts; a SQLite file when present)."""
+    path = _sqlite_path(store)
+    return path.is_file() if path is not None else True
+
+
+@lru_cache(maxsize=8)
+def _engine(store_key: str) -> sa.Engine:
+    path = _sqlite_path(store_key)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": _LOCK_WAIT_S},
+                                  poolclass=sa.pool.NullPool)
+
+        @sa.event.listens_for(engine, "connect")
+        def _connect(dbapi, _record):
+            dbapi.isolation_level = None  # we issue BEGIN ourselves (IMMEDIATE for writers)
+            dbapi.execute(f"PRAGMA busy_timeout={int(_LOCK_WAIT_S * 1000)}")
+            _wal(dbapi)
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("write") else "BEGIN")
+        return engine
+    url = sa.engine.make_url(store_key)
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() != "postgresql":
+        raise UserError(f"{describe(store_key)}: history url must be sqlite:///PATH or postgresql://...")
+    return sa.create_engine(url, poolclass=sa.pool.NullPool)
+
+
+def _key(store) -> str:
+    path = _sqlite_path(store)
+    return str(path.resolve()) if path is not None else str(store)
+
+
+def _locked(exc: BaseException) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
@@ -70,97 +147,124 @@ def _wal(conn: sqlite3.Connection) -> None:
             delay = min(delay * 2, 0.5)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        conn = sqlite3.connect(path, timeout=_LOCK_WAIT_S, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout={int(_LOCK_WAIT_S * 1000)}")
-        _wal(conn)
-    except sqlite3.OperationalError as exc:
+class _Store:
+    """One connection to a store, as a context manager: ``write`` takes the write lock first."""
+
+    def __init__(self, store, write: bool):
+        self.store, self.write = store, write
+
+    def __enter__(self) -> sa.Connection:
+        try:
+            self.conn = _engine(_key(self.store)).connect()
+            self.conn.info["write"] = self.write
+            self.conn.begin()
+            if self.write and self.conn.dialect.name == "postgresql":
+                self.conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
+        except (sa_exc.OperationalError, sa_exc.DatabaseError) as exc:
+            raise self._error(exc) from None
+        return self.conn
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            if kind is None:
+                self.conn.commit()
+            else:
+                self.conn.rollback()
+        finally:
+            self.conn.close()
+        if isinstance(value, (sa_exc.OperationalError, sa_exc.DatabaseError)):
+            raise self._error(value) from None
+
+    def _error(self, exc: BaseException) -> UserError:
+        first = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
         if _locked(exc):
-            raise UserError(f"{path}: history store stayed locked for {_LOCK_WAIT_S:g} s ({exc})") from None
-        raise UserError(f"{path}: not a quant-audit history store ({exc})") from None
-    except sqlite3.DatabaseError as exc:
-        raise UserError(f"{path}: not a quant-audit history store ({exc})") from None
-    return conn
+            return UserError(f"{describe(self.store)}: history store stayed locked for {_LOCK_WAIT_S:g} s ({first})")
+        if self.conn_failed(exc):
+            return UserError(f"{describe(self.store)}: cannot reach the history store ({first})")
+        return UserError(f"{describe(self.store)}: not a quant-audit history store ({first})")
+
+    @staticmethod
+    def conn_failed(exc: BaseException) -> bool:
+        return "connection" in str(exc).lower() or "could not" in str(exc).lower()
 
 
-def _check_schema(conn: sqlite3.Connection, path: Path, create: bool) -> bool:
-    """True when the store has our tables; creates them when ``create``. Refuses newer schemas."""
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    except sqlite3.OperationalError:
-        row = None
-    except sqlite3.DatabaseError as exc:
-        raise UserError(f"{path}: not a quant-audit history store ({exc})") from None
-    if row is None:
+def _version(conn: sa.Connection) -> int | None:
+    if not sa.inspect(conn).has_table("meta"):
+        return None
+    row = conn.execute(sa.select(META.c.value).where(META.c.key == "schema_version")).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _check_schema(conn: sa.Connection, store, create: bool) -> bool:
+    """True when the store has our tables; creates or migrates them when ``create`` (a writer,
+    holding the write lock). Refuses newer schemas."""
+    version = _version(conn)
+    if version is None:
         if create:
-            for statement in filter(str.strip, _DDL.split(";")):  # executescript would commit mid-transaction
-                conn.execute(statement)
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            _METADATA.create_all(conn)
+            conn.execute(sa.delete(META).where(META.c.key == "schema_version"))
+            conn.execute(sa.insert(META).values(key="schema_version", value=str(SCHEMA_VERSION)))
         return create
-    version = int(row[0])
     if version > SCHEMA_VERSION:
-        raise UserError(f"{path}: history schema version {row[0]} is newer than this quant-audit reads "
+        raise UserError(f"{describe(store)}: history schema version {version} is newer than this quant-audit reads "
                         f"({SCHEMA_VERSION}); upgrade quant-audit")
-    if version < SCHEMA_VERSION and create:  # a writer, inside its BEGIN IMMEDIATE: migrate in place
+    if version < SCHEMA_VERSION and create:
         for step in range(version, SCHEMA_VERSION):
             for statement in _MIGRATIONS[step]:
-                conn.execute(statement)
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                conn.execute(sa.text(statement))
+        conn.execute(sa.update(META).where(META.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
     return True
 
 
-def _rows(results: dict) -> list[tuple]:
+def _rows(results: dict) -> list[dict]:
     out = []
     for v in results["variants"]:
         metrics = v["metrics"]
         failed = [g for g in v["gates"] if not g["passed"]]
-        out.append((results["run_id"], v["name"], results["finished"], results.get("tag", ""),
-                    results["model"]["name"], results["model"]["fingerprint"], v["kind"], json.dumps(v["modules"]),
-                    *[metrics.get(c) for c in METRIC_COLUMNS], json.dumps(metrics),
-                    "pass" if v["passed"] else "fail", int(any(g["kind"] == "regression" for g in failed)),
-                    json.dumps(failed), results["verdict"], (results.get("baseline") or {}).get("run_id"),
-                    (results.get("target") or {}).get("id"), json.dumps(results.get("target"))))
+        out.append({"run_id": results["run_id"], "variant": v["name"], "time": results["finished"],
+                    "tag": results.get("tag", ""), "model_name": results["model"]["name"],
+                    "fingerprint": results["model"]["fingerprint"], "kind": v["kind"], "modules": json.dumps(v["modules"]),
+                    **{c: metrics.get(c) for c in METRIC_COLUMNS}, "metrics": json.dumps(metrics),
+                    "verdict": "pass" if v["passed"] else "fail",
+                    "regression_failed": int(any(g["kind"] == "regression" for g in failed)),
+                    "failed_gates": json.dumps(failed), "run_verdict": results["verdict"],
+                    "baseline_run": (results.get("baseline") or {}).get("run_id"),
+                    "target_id": (results.get("target") or {}).get("id"), "target": json.dumps(results.get("target"))})
     return out
 
 
-def record_run(path: Path, results: dict) -> None:
+def record_run(store, results: dict) -> None:
     """Add (or replace) the rows of one run, in one transaction."""
     rows = _rows(results)
-    marks = ", ".join("?" * len(rows[0])) if rows else ""
-    with closing(_connect(path)) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            _check_schema(conn, path, create=True)
-            conn.executemany(f"INSERT OR REPLACE INTO results VALUES ({marks})", rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    with _Store(store, write=True) as conn:
+        _check_schema(conn, store, create=True)
+        conn.execute(sa.delete(RESULTS).where(RESULTS.c.run_id == results["run_id"]))
+        if rows:
+            conn.execute(sa.insert(RESULTS), rows)
 
 
-def trend(path: Path, fingerprint: str | None = None) -> pd.DataFrame:
+def trend(store, fingerprint: str | None = None) -> pd.DataFrame:
     """Every (run, variant) row, oldest first; empty when there is no store yet."""
-    if not Path(path).is_file():
+    if not exists(store):
         return pd.DataFrame()
-    with closing(_connect(path)) as conn:
-        if not _check_schema(conn, path, create=False):
+    with _Store(store, write=False) as conn:
+        if not _check_schema(conn, store, create=False):
             return pd.DataFrame()
-        query, args = "SELECT * FROM results", ()
+        columns = [c["name"] for c in sa.inspect(conn).get_columns("results")]
+        query = sa.select(*[RESULTS.c[c] for c in columns if c in RESULTS.c])
         if fingerprint:
-            query, args = query + " WHERE fingerprint = ?", (fingerprint,)
-        table = pd.read_sql_query(query + " ORDER BY time, run_id, rowid", conn, params=args)
+            query = query.where(RESULTS.c.fingerprint == fingerprint)
+        last = sa.literal_column("rowid") if conn.dialect.name == "sqlite" else RESULTS.c.variant  # SQLite: insertion order
+        table = pd.read_sql_query(query.order_by(RESULTS.c.time, RESULTS.c.run_id, last), conn)
     for column in ("target_id", "target"):  # a version 1 store not yet migrated by a writer
         if column not in table.columns:
             table[column] = None
     return table
 
 
-def runs(path: Path) -> pd.DataFrame:
+def runs(store) -> pd.DataFrame:
     """One row per run: time, tag, model, verdict, variants audited and how many failed."""
-    rows = trend(path)
+    rows = trend(store)
     if rows.empty:
         return rows
     grouped = rows.groupby("run_id", sort=False)
@@ -173,7 +277,7 @@ def runs(path: Path) -> pd.DataFrame:
     }).reset_index(drop=True)
 
 
-def resolve_baseline(path: Path, which: str, fingerprint: str, target: str,
+def resolve_baseline(store, which: str, fingerprint: str, target: str,
                      exclude: str | None = None) -> tuple[str | None, str]:
     """The baseline run id (or None) and a line saying why, when there is something to say.
 
@@ -184,11 +288,11 @@ def resolve_baseline(path: Path, which: str, fingerprint: str, target: str,
     Raises:
         UserError: the run id is not in the store, or audited another model.
     """
-    table = trend(path)
+    table = trend(store)
     if which == "latest":
         mine = table[(table["fingerprint"] == fingerprint) & (table["run_id"] != exclude)] if not table.empty else table
         if mine.empty:
-            return None, f"no earlier run of this model in {path}: no regression check this time"
+            return None, f"no earlier run of this model in {describe(store)}: no regression check this time"
         here = mine[mine["target_id"] == target]
         if here.empty:
             others = ", ".join(sorted({_target_name(t) for t in mine["target_id"]}))
@@ -197,7 +301,7 @@ def resolve_baseline(path: Path, which: str, fingerprint: str, target: str,
         return str(here.iloc[-1]["run_id"]), ""
     found = table[table["run_id"] == which] if not table.empty else table
     if found.empty:
-        raise UserError(f"--baseline: run '{which}' is not in {path}")
+        raise UserError(f"--baseline: run '{which}' is not in {describe(store)}")
     if found.iloc[0]["fingerprint"] != fingerprint:
         raise UserError(f"--baseline: run '{which}' audited model {found.iloc[0]['fingerprint'][:12]}, "
                         f"not this model ({fingerprint[:12]})")
@@ -210,16 +314,16 @@ def _target_name(value) -> str:
     return "unknown" if value is None or pd.isna(value) or not value else str(value)
 
 
-def run_target(path: Path, run_id: str) -> str | None:
+def run_target(store, run_id: str) -> str | None:
     """The target id a run recorded (None for runs recorded before targets were)."""
-    table = trend(path)
+    table = trend(store)
     rows = table[table["run_id"] == run_id] if not table.empty else table
     name = "unknown" if rows.empty else _target_name(rows.iloc[0]["target_id"])
     return None if name == "unknown" else name
 
 
-def run_metrics(path: Path, run_id: str) -> dict[str, dict]:
+def run_metrics(store, run_id: str) -> dict[str, dict]:
     """variant -> metrics of one run."""
-    table = trend(path)
+    table = trend(store)
     rows = table[table["run_id"] == run_id]
     return {r["variant"]: json.loads(r["metrics"]) for r in rows.to_dict("records")}

@@ -95,7 +95,16 @@ def test_baseline_latest_never_compares_across_targets(tmp_path):
 
 def test_a_version_1_store_is_migrated_by_the_next_writer(tmp_path):
     path = tmp_path / "history.sqlite"
-    v1 = history._DDL.replace(", target_id TEXT, target TEXT", "")
+    metrics = ", ".join(f"{c} REAL" for c in history.METRIC_COLUMNS)
+    v1 = f"""
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE results (
+        run_id TEXT NOT NULL, variant TEXT NOT NULL, time TEXT NOT NULL, tag TEXT NOT NULL,
+        model_name TEXT NOT NULL, fingerprint TEXT NOT NULL, kind TEXT NOT NULL, modules TEXT NOT NULL, {metrics},
+        metrics TEXT NOT NULL, verdict TEXT NOT NULL, regression_failed INTEGER NOT NULL,
+        failed_gates TEXT NOT NULL, run_verdict TEXT NOT NULL, baseline_run TEXT, PRIMARY KEY (run_id, variant));
+    CREATE INDEX results_by_model ON results (fingerprint, time);
+    """  # the schema version 1 stores were written with
     with sqlite3.connect(path) as conn:
         conn.executescript(v1)
         conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")

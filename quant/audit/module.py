@@ -420,7 +420,7 @@ def audit_module(model_path: Path, inputs: Path, out: Path, config: AuditConfig,
     model_id = {"name": model_path.name, "path": str(model_path.resolve()), "fingerprint": fingerprint(files),
                 "files": [f.name for f in files], "inputs": [s.describe() for s in inputs_spec],
                 "outputs": [s.describe() for s in outputs_spec]}
-    workspace = Workspace(out)
+    workspace = Workspace(out, config.history_url)
     base = None
     if baseline:
         run_id, why = history.resolve_baseline(workspace.history, baseline, model_id["fingerprint"], target.id)
@@ -579,4 +579,4 @@ def _write(run_dir: Path, results: dict, summary: list[dict], rows: list[dict], 
     write_junit(run_dir / "junit.xml", results)
     atomic_write_text(run_dir / "report.html", render_module_report(results, run_dir))
     history.record_run(workspace.history, results)
-    render_dashboard(workspace.out)
+    render_dashboard(workspace.out, workspace.history)

@@ -137,7 +137,7 @@ class Audit:
     def __init__(self, config: AuditConfig, model: LoadedModel, out: Path, run_id: str, show_progress: bool,
                  fresh: bool = False, target: Target | None = None):
         self.config, self.model, self.out, self.run_id = config, model, out, run_id
-        self.workspace = Workspace(out)
+        self.workspace = Workspace(out, config.history_url)
         self.run_dir = self.workspace.run_dir(run_id)
         self.work = self.workspace.work(model.fingerprint)
         self.ledger = Ledger(self.work)
@@ -605,7 +605,7 @@ def _publish(audit: Audit, tables: dict[str, pd.DataFrame], baseline: str | None
     start = time.perf_counter()
     render_report(audit.run_dir)
     history.record_run(db, results)
-    render_dashboard(audit.out)
+    render_dashboard(audit.out, db)
     results["stages"].append({"name": "report", "seconds": round(time.perf_counter() - start, 3), "reused": False})
     atomic_write_json(audit.run_dir / "results.json", results)
     return results, checked
@@ -651,8 +651,9 @@ def check_inputs(config: AuditConfig, model: LoadedModel, out: Path) -> None:
         mapping(external, module)  # the file is there, and its names map to the module's
     if config.search and config.search.inc_compare and config.search.inc_compare not in modules:
         raise UserError(f"{config.source}: search.inc_compare: model '{model.name}' has no {config.search.inc_compare}")
-    if Workspace(out).history.exists():
-        history.trend(Workspace(out).history)  # openable, and of a schema this version reads
+    store = Workspace(out, config.history_url).history
+    if history.exists(store):
+        history.trend(store)  # openable (reachable), and of a schema this version reads
 
 
 def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh: bool = False,
@@ -672,7 +673,8 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
     config_key = stage_key({"config": config.to_dict(), "model": model.fingerprint, "target": target.id})
     base = None
     if baseline:
-        base, why = history.resolve_baseline(Workspace(out).history, baseline, model.fingerprint, target.id)
+        base, why = history.resolve_baseline(Workspace(out, config.history_url).history, baseline, model.fingerprint,
+                                             target.id)
         if why:
             print(why, file=sys.stderr)
     with locked_work(out, model.fingerprint):

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from quant.recipes.names import check_name
-from reports.history import DB_NAME as HISTORY
+from reports.history import location
 DASHBOARD = "dashboard.html"
 RUN_FILE = "run.json"
 # the work folder's own subfolders: the only places anything is ever deleted
@@ -32,12 +32,15 @@ OWNED = ("onnx", "calibration", "videos", "scores", "quantization", "search", "s
 class Workspace:
     """Paths under ``out`` (see the module doc)."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, history_url: str | None = None):
         self.out = Path(out)
+        self.history_url = history_url
 
     @property
-    def history(self) -> Path:
-        return self.out / HISTORY
+    def history(self):
+        """The history store: ``[history] url``, else ``$QUANT_AUDIT_HISTORY_URL``, else
+        ``<out>/history.sqlite`` (a Path); ``reports.history`` takes either."""
+        return location(self.out, self.history_url)
 
     @property
     def dashboard(self) -> Path:
