@@ -33,6 +33,8 @@ METRIC_DIRECTIONS: dict[str, int] = {
     "adherence": 1, "adherence_colour": 1, "adherence_shape": 1, "adherence_motion": 1,
     # `quant-audit module` (one ONNX model): its outputs against the FP32 model's, and its speed
     "sqnr_min_db": 1, "sqnr_mean_db": 1, "kernel_sqnr_db": 1, "speedup_vs_onnx": 1,
+    # what a variant costs (quant.stages.generate.variant_cost): never gated in our tests, a user's call
+    "video_seconds": -1, "peak_rss_mb": -1, "model_mb": -1,
 }
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _GATE = re.compile(r"^\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")

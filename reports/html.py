@@ -170,6 +170,25 @@ def _adherence(results: dict) -> dict | None:
     return {"rows": rows, "reference": reference, "videos": videos}
 
 
+def _cost(summary: pd.DataFrame, variants: list[str]) -> dict | None:
+    """The cost table and the quality-vs-cost chart (Pareto front) of the main variants."""
+    if "video_seconds" not in summary:
+        return None
+    rows = summary[summary["variant"].isin(variants)].dropna(subset=["video_seconds"])
+    if rows.empty:
+        return None
+    modules = [c[:-len("_seconds")] for c in rows.columns
+               if c.endswith("_seconds") and c not in ("video_seconds",) and not c.startswith("video_seconds")]
+    # the chart and the front are about deployments: not the floor (FP32 PyTorch with moved noise) and
+    # not emulations of other targets' kernels (float math here, so their time says nothing)
+    deployable = [v for v in variants if v != "floor" and "~" not in v]
+    points = [(r.variant, float(r.video_seconds), float(r.psnr_mean)) for r in rows.itertuples()
+              if r.variant in deployable and not pd.isna(getattr(r, "psnr_mean", float("nan")))]
+    return {"rows": rows.to_dict("records"), "modules": modules, "front": plots.pareto_front(points),
+            "svg": _svg(plots.cost_quality_chart(summary, deployable)),
+            "warmup": bool(rows.get("warmup_excluded", pd.Series([0])).fillna(0).astype(bool).all())}
+
+
 def _svg(text: str) -> Markup:
     return Markup(text)  # our own matplotlib output; matplotlib escapes the labels it draws
 
@@ -207,6 +226,7 @@ def report_context(run_dir: Path) -> dict:
         "quantization": _quantization(run_dir),
         "sensitivity": _sensitivity(results),
         "adherence": _adherence(results),
+        "cost": _cost(summary, main),
         "search": results.get("search") or None,
         "search_svg": _svg(plots.search_curve(results["search"])) if results.get("search") else "",
         "config_toml": (run_dir / "config.toml").read_text(encoding="utf-8") if (run_dir / "config.toml").is_file() else "",

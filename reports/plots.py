@@ -164,3 +164,40 @@ def search_curve(search: dict) -> str:
     axes[1].set(title="Quality against latency")
     axes[0].legend(fontsize=7, loc="lower left")
     return to_svg(fig)
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the points no other point beats on both axes: (name, seconds, quality), fewer
+    seconds and more quality being better; ties keep both."""
+    front = []
+    for name, t, q in points:
+        dominated = any((t2 <= t and q2 >= q) and (t2 < t or q2 > q) for n2, t2, q2 in points if n2 != name)
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def cost_quality_chart(summary: pd.DataFrame, variants: list[str], quality: str = "psnr_mean") -> str:
+    """Quality (``psnr_mean``) against median seconds per video, one point per variant (with its
+    min-max spread); the Pareto front is joined and its points ringed."""
+    if "video_seconds" not in summary or quality not in summary:
+        return ""
+    rows = summary[summary["variant"].isin(variants)].dropna(subset=["video_seconds", quality])
+    if rows.empty:
+        return ""
+    points = [(r.variant, float(r.video_seconds), float(getattr(r, quality))) for r in rows.itertuples()]
+    front = set(pareto_front(points))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for r in rows.itertuples():
+        t, q = float(r.video_seconds), float(getattr(r, quality))
+        lo, hi = getattr(r, "video_seconds_min", t), getattr(r, "video_seconds_max", t)
+        ax.errorbar([t], [q], xerr=[[max(t - lo, 0)], [max(hi - t, 0)]], fmt="o", ms=5, capsize=2,
+                    color="#0969da" if r.variant in front else "#8c959f")
+        ax.annotate(r.variant, (t, q), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    edge = sorted((t, q) for n, t, q in points if n in front)
+    ax.plot([t for t, _ in edge], [q for _, q in edge], color="#0969da", lw=1, alpha=0.6, label="Pareto front")
+    ax.scatter([t for t, _ in edge], [q for _, q in edge], s=90, facecolors="none", edgecolors="#0969da")
+    ax.set(xlabel="seconds per video (median; bars: min-max)", ylabel=f"{quality} (dB)" if "psnr" in quality else quality,
+           title="Quality against cost: up and to the left is better")
+    ax.legend(fontsize=8, loc="lower right")
+    return to_svg(fig)

@@ -73,8 +73,12 @@ def test_names_map_by_alias_explicit_entry_and_lone_leftover(their_file):
     assert mapping(ExternalModule(their_file, inputs=(("timestep", "t_in"),)), "transformer") == got
 
 
-def test_their_transformer_runs_the_whole_audit(their_file, tmp_path, capsys):
-    config = _config(tmp_path, f'[modules.transformer]\npath = "{their_file.as_posix()}"\ninputs = {{timestep = "t_in"}}\n')
+def test_their_transformer_runs_the_whole_audit(their_file, t2v_export, tmp_path, capsys):
+    # the other modules come from the session's export, as files too (no second export: the suite's time)
+    others = "".join(f'{m} = "{onnx_path(t2v_export.root, "onnx", m).as_posix()}"\n'
+                     for m in ("text_encoder", "transformer_2", "vae_decoder"))
+    config = _config(tmp_path, f'[modules]\n{others}[modules.transformer]\npath = "{their_file.as_posix()}"\n'
+                               'inputs = {timestep = "t_in"}\n')
     code = main(["run", "--config", str(config), "--out", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 0, err[-2000:]

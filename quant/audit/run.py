@@ -38,7 +38,7 @@ from quant.support.environment import utc_now, versions
 from quant.recipes.export import ExportOptions
 from quant.stages.export import export_pipeline
 from quant.gates import Baseline, GateResult, check_gates, check_regression, mark_noise_floor
-from quant.stages.generate import VideoRecord, generate_variant, video_dir
+from quant.stages.generate import VideoRecord, generate_variant, variant_cost, video_dir
 from quant.support.files import atomic_path, atomic_write_json, atomic_write_text, json_number
 from quant.stages.ledger import Ledger, stage_key
 from quant.stages.runner import Stage, StageRun, StageRunner
@@ -299,7 +299,22 @@ class Audit:
             for kind, path in table_paths(out).items():
                 if kind != "metrics" and path.is_file():
                     parts[kind].append(pd.read_csv(path))
-        return {k: pd.concat(v, ignore_index=True) for k, v in parts.items() if v}
+        tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items() if v}
+        if "summary" in tables:
+            tables["summary"] = tables["summary"].merge(self.cost_table(), on="variant", how="left")
+        return tables
+
+    def cost_table(self) -> pd.DataFrame:
+        """Per variant what it cost to generate (``quant.stages.generate.variant_cost``), and
+        ``speedup_vs_onnx``: the FP32 ONNX variant's median seconds per video over this one's."""
+        rows = [{"variant": name, **variant_cost(video_dir(self.work, name))} for name in self.records
+                if (video_dir(self.work, name) / "manifest.json").is_file()]
+        table = pd.DataFrame(rows)
+        if "onnx" in self.records and "video_seconds" in table:
+            onnx = table.loc[table["variant"] == "onnx", "video_seconds"]
+            if len(onnx) and onnx.notna().all():
+                table["speedup_vs_onnx"] = float(onnx.iloc[0]) / table["video_seconds"]
+        return table
 
     def reference_adherence(self) -> dict | None:
         """Whether the FP32 reference itself shows its prompts (shapes world only; None otherwise):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,9 @@ from quant.support.progress import progress
 from quant.support.environment import versions
 from quant.support.files import atomic_write_json
 from quant.pipeline.models import LoadedModel
+from quant.pipeline.cost import ModuleClock, PeakRSS, model_bytes
 from quant.pipeline.ort_modules import STAND_INS, open_session
+from quant.recipes.export import onnx_size_bytes
 from quant.pipeline.sampling import generate_video
 from quant.recipes.manifest import check_onnx_folder, verify_file
 from quant.pipeline.prompts import prompt_id
@@ -35,7 +38,7 @@ from quant.pipeline.settings import GenerationSettings
 from quant.recipes.names import Variant, onnx_path, split_target
 from quant.pipeline.video_io import LATENTS_DIR, load_frames, save_npz, save_trajectory, save_webp
 
-SCHEMA_VERSION = 2  # 2: key, and the modules whose outputs held NaN/Inf per video
+SCHEMA_VERSION = 3  # 3: wall and per-module seconds per video, the variant's cost; 2: key, NaN/Inf modules
 
 
 @dataclass
@@ -50,6 +53,8 @@ class VideoRecord:
     nonfinite: bool
     frames_sha256: str
     nonfinite_modules: dict[str, int] = field(default_factory=dict)  # ONNX module -> calls with NaN/Inf output
+    seconds: float = 0.0  # wall time of the generation (quant.pipeline.cost)
+    module_seconds: dict[str, float] = field(default_factory=dict)  # module -> seconds in its calls
 
 
 def video_dir(root: Path, variant: str) -> Path:
@@ -58,7 +63,7 @@ def video_dir(root: Path, variant: str) -> Path:
 
 
 def _manifest(model: LoadedModel, variant: Variant, settings: GenerationSettings, records: list[VideoRecord],
-              key: str | None) -> dict:
+              key: str | None, cost: dict | None = None) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "key": key,
@@ -69,6 +74,7 @@ def _manifest(model: LoadedModel, variant: Variant, settings: GenerationSettings
         "settings": settings.to_dict(),
         "versions": versions(),
         "videos": [asdict(r) for r in records],
+        "cost": cost or {},
     }
 
 
@@ -146,21 +152,67 @@ def generate_variant(model: LoadedModel, variant: Variant, prompts: list[str], s
     done = _finished(folder, key)
     records: list[VideoRecord] = []
     jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
-    for index, prompt, seed in progress(jobs, f"generate {variant.name}", "video", show_progress):
-        if (prompt, seed) in done:
-            records.append(done[(prompt, seed)])
-            continue
-        before = nonfinite_counts(pipe)
-        video = generate_video(pipe, prompt, seed, settings, trajectory=save_latents, noise_ulps=variant.noise_ulps)
-        after = nonfinite_counts(pipe)
-        name = f"{prompt_id(index)}_s{seed}"
-        path = folder / f"{name}.npz"
-        if video.trajectory is not None:
-            save_trajectory(folder / LATENTS_DIR / f"{name}.npz", video.trajectory)
-        save_npz(path, video.frames, prompt=prompt, seed=seed, variant=variant.name, nonfinite=video.nonfinite)
-        save_webp(folder / f"{name}.webp", video.frames, fps=fps)
-        records.append(VideoRecord(path.name, prompt_id(index), prompt, seed, int(video.frames.shape[0]),
-                                   video.nonfinite, hashlib.sha256(video.frames.tobytes()).hexdigest(),
-                                   {m: after[m] - before[m] for m in after if after[m] - before[m]}))
-        atomic_write_json(folder / "manifest.json", _manifest(model, variant, settings, records, key))
+    with ModuleClock(pipe) as clock, PeakRSS() as rss:
+        for index, prompt, seed in progress(jobs, f"generate {variant.name}", "video", show_progress):
+            if (prompt, seed) in done:
+                records.append(done[(prompt, seed)])
+                continue
+            _generate_one(model, variant, settings, folder, records, key, pipe, clock, index, prompt, seed, fps,
+                          save_latents)
+    onnx_bytes = {m: onnx_size_bytes(onnx_path(root, r, m)) for m, r in variant.onnx_modules.items()}
+    cost = {"peak_rss_bytes": rss.peak_bytes, "peak_rss_reset": rss.reset,
+            "model_bytes": model_bytes(pipe, onnx_bytes), "videos_timed": sum(1 for r in records if r.seconds)}
+    atomic_write_json(folder / "manifest.json", _manifest(model, variant, settings, records, key, cost))
     return records
+
+
+def _generate_one(model, variant, settings, folder, records, key, pipe, clock, index, prompt, seed, fps, save_latents):
+    """One video: generated, timed (wall and per module), written, and listed in the manifest."""
+    before = nonfinite_counts(pipe)
+    spent = clock.snapshot()
+    start = time.perf_counter()
+    video = generate_video(pipe, prompt, seed, settings, trajectory=save_latents, noise_ulps=variant.noise_ulps)
+    seconds = time.perf_counter() - start
+    after = nonfinite_counts(pipe)
+    name = f"{prompt_id(index)}_s{seed}"
+    path = folder / f"{name}.npz"
+    if video.trajectory is not None:
+        save_trajectory(folder / LATENTS_DIR / f"{name}.npz", video.trajectory)
+    save_npz(path, video.frames, prompt=prompt, seed=seed, variant=variant.name, nonfinite=video.nonfinite)
+    save_webp(folder / f"{name}.webp", video.frames, fps=fps)
+    records.append(VideoRecord(path.name, prompt_id(index), prompt, seed, int(video.frames.shape[0]),
+                               video.nonfinite, hashlib.sha256(video.frames.tobytes()).hexdigest(),
+                               {m: after[m] - before[m] for m in after if after[m] - before[m]},
+                               round(seconds, 6),
+                               {m: round(t - spent.get(m, 0.0), 6) for m, t in clock.seconds.items()}))
+    atomic_write_json(folder / "manifest.json", _manifest(model, variant, settings, records, key))
+
+
+WARMUP_VIDEOS = 1  # with at least 3 timed videos, the first is warm-up (ORT arenas, torch allocator) and not counted
+
+
+def variant_cost(folder: Path) -> dict:
+    """A variant's cost from its manifest (``generate_variant`` measured it): per video the
+    median wall time with min and max (the first video left out as warm-up when there are at
+    least three), per module the median seconds per video, peak RSS and model size."""
+    import statistics
+
+    manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    timed = [VideoRecord(**v) for v in manifest.get("videos", [])]
+    timed = [r for r in timed if r.seconds]
+    warmup = len(timed) >= 3
+    if warmup:
+        timed = timed[WARMUP_VIDEOS:]
+    cost = manifest.get("cost") or {}
+    row: dict = {"videos_timed": len(timed), "warmup_excluded": int(warmup)}
+    if timed:
+        walls = [r.seconds for r in timed]
+        row.update(video_seconds=statistics.median(walls), video_seconds_min=min(walls), video_seconds_max=max(walls))
+        for module in sorted({m for r in timed for m in r.module_seconds}):
+            row[f"{module}_seconds"] = statistics.median(r.module_seconds.get(module, 0.0) for r in timed)
+    if cost.get("peak_rss_bytes"):
+        row["peak_rss_mb"] = cost["peak_rss_bytes"] / 2**20
+    if cost.get("model_bytes"):
+        row["model_mb"] = cost["model_bytes"] / 2**20
+    return row
+
