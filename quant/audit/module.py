@@ -56,7 +56,7 @@ from quant.errors import UserError
 from quant.gates import Baseline, GateResult, Gate, check_gates, check_regression
 from quant.pipeline.ort_modules import open_session, run_session
 from quant.pipeline.video_io import to_uint8
-from quant.recipes.census import kernel_finding, precision_census, precision_counts
+from quant.recipes.census import kernel_finding, precision_census, precision_counts, timed_calls
 from quant.recipes.emulate import float_math_model
 from quant.recipes.external import fingerprint, model_files
 from quant.recipes.export import onnx_size_bytes
@@ -268,18 +268,6 @@ def parse_ranges(texts: list[str] | None, outputs: list[TensorSpec]) -> dict[str
 
 # --- measuring one recipe ----------------------------------------------------------------------
 
-def timed_calls(session, inputs: dict[str, np.ndarray], warmup: int = 2, runs: int = 9) -> list[float]:
-    """Milliseconds of ``runs`` calls of ``session`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run_session(session, inputs)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run_session(session, inputs)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
-
-
 def _stats(values: list[float]) -> tuple[float | None, float | None]:
     """(min, mean) of SQNR values, +inf (identical) capped at ``CAP_SQNR_DB`` as the video audit's
     tables do; -inf (NaN/Inf output) makes both -inf, so it fails every gate."""
@@ -315,7 +303,7 @@ def measure_recipe(recipe: str, fp32_bytes: int, path: Path, held: list[Path], n
                 row.update(psnr_db=float(np.mean(np.minimum(psnr, CAP_DB))), ssim=float(np.mean(ssim_frames(a, b))),
                            images=len(a), identical_images=int(np.isinf(psnr).sum()))
             rows.append(row)
-    ms = timed_calls(candidate, _read(held[0]))
+    ms = timed_calls(candidate, _read(held[0]), runs=9)
     census = precision_census(path)
     per_output = {}
     for name in names:
@@ -447,7 +435,7 @@ def audit_module(model_path: Path, inputs: Path, out: Path, config: AuditConfig,
     if bad:
         raise UserError(f"{model_path}: the FP32 model itself gives NaN/Inf in output '{bad[0]}' on the held-back "
                         "samples; nothing to compare quantization against")
-    fp32_ms = timed_calls(fp32, _read(held[0]))
+    fp32_ms = timed_calls(fp32, _read(held[0]), runs=9)
     plans = plan_outputs(names, reference, declared)
     entries, score_rows, summary = {}, [], []
     for recipe in progress(recipes, "module audit", "recipe", show_progress):

@@ -89,8 +89,8 @@ def precision_counts(census: dict) -> dict[str, int]:
     return {p: sum(c[p] for c in census["compute_ops"].values()) for p in ("int8", "fp16", "fp32")}
 
 
-def latency_ms(session, inputs: dict[str, np.ndarray], warmup: int = 2, runs: int = 7) -> float:
-    """Median ONNX Runtime CPU latency of one call of ``session``, in milliseconds."""
+def timed_calls(session, inputs: dict[str, np.ndarray], warmup: int = 2, runs: int = 7) -> list[float]:
+    """Milliseconds of ``runs`` calls of ``session`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         run_session(session, inputs)
     times = []
@@ -98,7 +98,12 @@ def latency_ms(session, inputs: dict[str, np.ndarray], warmup: int = 2, runs: in
         start = time.perf_counter()
         run_session(session, inputs)
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return times
+
+
+def latency_ms(session, inputs: dict[str, np.ndarray], warmup: int = 2, runs: int = 7) -> float:
+    """Median ONNX Runtime CPU latency of one call of ``session``, in milliseconds."""
+    return statistics.median(timed_calls(session, inputs, warmup, runs))
 
 
 KERNEL_FLOAT_MATH_DB = 100.0  # kernel SQNR above this: the deployed graph computes its float math
