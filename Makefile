@@ -33,7 +33,8 @@ weights: $(STAMP)
 	$(PY) -m quant.pipeline.train_shapes --seed 0
 
 # ffmpeg is the second, independent PSNR implementation the metric tests check against; chromium
-# loads the HTML report and dashboard in the browser tests. Both are Debian packages.
+# loads the HTML report and dashboard in the browser tests; postgresql is the server the team-history
+# tests start on 127.0.0.1 (as the `postgres` user when run as root). All are Debian packages.
 system-deps:
 	@missing=""; command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
 	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
