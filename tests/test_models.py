@@ -165,10 +165,11 @@ def test_shapes_training_writes_a_checkpoint_that_loads_through_the_builtin_path
 
     out = tmp_path / "wan2.2-t2v-shapes"
     info = train(out, seed=0, vae_steps=2, vae_batch=1, dit_steps=2, dit_batch=2, seeds_per_spec=1, threads=2,
-                 check_clips=2, vae_frame_steps=2, vae_frame_batch=2)
+                 check_clips=2, vae_frame_steps=2, vae_frame_batch=2, edge_weight=0.5)
     files = [p for p in out.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 5 * 2**20  # what the repository may carry
     assert {p.suffix for p in files} <= {".json", ".safetensors"}  # no pickle
+    assert info["edge_weight"] == 0.5
     assert info["seed"] == 0 and info["vae_frame_steps"] == 2 and set(info["vae_reconstruction_adherence"]) == {"colour_ok", "shape_ok", "motion_ok", "ok"}
     monkeypatch.setattr(models, "SHAPES_WEIGHTS", out)
     model = load_model("wan2.2-t2v-shapes")
@@ -190,3 +191,20 @@ def test_shapes_model_without_its_weights_says_how_to_get_them(monkeypatch, tmp_
     monkeypatch.setattr(models, "SHAPES_WEIGHTS", tmp_path / "missing")
     with pytest.raises(UserError, match="make weights"):
         load_model("wan2.2-t2v-shapes")
+
+
+def test_edge_loss_sees_rounded_corners_that_a_blur_makes():
+    """The VAE's edge term: zero for the same frames, larger for a blurred copy than for a
+    brightness shift of the same mean squared size (MSE cannot tell the two apart)."""
+    import torch.nn.functional as F
+
+    from metrics.shapes_world import all_specs, render_video
+    from quant.pipeline.train_shapes import _edge_loss, _to_tensor
+
+    x = _to_tensor(render_video(next(s for s in all_specs() if s.shape == "triangle"), 5, 64, seed=0)[None])
+    kernel = torch.full((3, 1, 1, 3, 3), 1 / 9)
+    blurred = F.conv3d(F.pad(x, (1, 1, 1, 1, 0, 0), mode="replicate"), kernel, groups=3)
+    shifted = x + ((blurred - x).pow(2).mean().sqrt())  # the same MSE, no edge moved
+    assert _edge_loss(x, x).item() == 0.0
+    assert _edge_loss(x, blurred).item() > 5 * _edge_loss(x, shifted).item()
+

@@ -69,7 +69,14 @@ def _random_clips(rng: np.random.Generator, batch: int, frames: int) -> np.ndarr
     return np.stack(clips)
 
 
-def train_vae(vae, steps: int, batch: int, lr: float, rng: np.random.Generator, log: list, frames: int = 9) -> None:
+def _edge_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """L1 between the image gradients of ``x`` and ``y`` (along H and W): what corners and tips
+    are made of, and what a weighted MSE alone lets the small decoder round off."""
+    return sum((torch.diff(x, dim=d) - torch.diff(y, dim=d)).abs().mean() for d in (3, 4))
+
+
+def train_vae(vae, steps: int, batch: int, lr: float, rng: np.random.Generator, log: list, frames: int = 9,
+              edge_weight: float = 0.0) -> None:
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -79,6 +86,8 @@ def train_vae(vae, steps: int, batch: int, lr: float, rng: np.random.Generator, 
         z = z + 0.05 * z.detach().std() * torch.randn_like(z)  # a decoder robust to imperfect latents
         y = vae.decode(z).sample
         loss = (_foreground_weight(x) * (y - x).pow(2)).mean()
+        if edge_weight:
+            loss = loss + edge_weight * _edge_loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -189,7 +198,7 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
 
 def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, dit_batch: int,
           seeds_per_spec: int, threads: int | None, check_clips: int = 24, vae_frame_steps: int = 0,
-          vae_frame_batch: int = 16, vae_lr: float = 3e-3) -> dict:
+          vae_frame_batch: int = 16, vae_lr: float = 3e-3, edge_weight: float = 0.0) -> dict:
     from quant.support.environment import versions
 
     if threads:
@@ -201,8 +210,8 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     pipe = build_t2v_shapes_untrained(seed)
     log: list = []
     if vae_frame_steps:  # single frames: the first-frame path at a fifth of the cost, where colour is learnt
-        train_vae(pipe.vae, vae_frame_steps, vae_frame_batch, 1e-3, rng, log, frames=1)
-    train_vae(pipe.vae, vae_steps, vae_batch, vae_lr, rng, log)
+        train_vae(pipe.vae, vae_frame_steps, vae_frame_batch, 1e-3, rng, log, frames=1, edge_weight=edge_weight)
+    train_vae(pipe.vae, vae_steps, vae_batch, vae_lr, rng, log, edge_weight=edge_weight)
     vae_seconds = time.monotonic() - started
     vae_check = check_vae(pipe.vae, seed, check_clips)
     print(f"vae reconstructions judged: {vae_check}", flush=True)
@@ -218,7 +227,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     seconds = time.monotonic() - started
     info = {
         "model": SHAPES_MODEL, "seed": seed, "vae_frame_steps": vae_frame_steps, "vae_frame_batch": vae_frame_batch,
-        "vae_steps": vae_steps, "vae_batch": vae_batch, "vae_lr": vae_lr,
+        "vae_steps": vae_steps, "vae_batch": vae_batch, "vae_lr": vae_lr, "edge_weight": edge_weight,
         "denoiser_steps": dit_steps, "denoiser_batch": dit_batch, "clips_per_combination": seeds_per_spec,
         "threads": torch.get_num_threads(), "seconds": round(seconds, 1), "vae_seconds": round(vae_seconds, 1),
         "vae_reconstruction_adherence": vae_check,
@@ -254,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-batch", type=int, default=4)
     parser.add_argument("--vae-lr", type=float, default=3e-3, help="peak learning rate of the 9-frame VAE phase")
+    parser.add_argument("--edge-weight", type=float, default=0.0,
+                        help="VAE loss: + this x L1 of image gradients (0.5 took frame-0 shape from 40%% to 73%%)")
     parser.add_argument("--steps", type=int, default=4000, help="denoiser steps")
     parser.add_argument("--batch", type=int, default=48, help="denoiser batch (half per expert)")
     parser.add_argument("--clips", type=int, default=8, help="rendered clips per combination for the denoisers")
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     info = train(args.out, args.seed, args.vae_steps, args.vae_batch, args.steps, args.batch, args.clips, args.threads,
                  vae_frame_steps=args.vae_frame_steps, vae_frame_batch=args.vae_frame_batch,
-                 vae_lr=args.vae_lr)
+                 vae_lr=args.vae_lr, edge_weight=args.edge_weight)
     print(f"wrote {args.out} in {info['seconds'] / 60:.1f} min")
     return 0
 
