@@ -8,7 +8,7 @@ cores, not the 30k+ of a real clip) and 64 text tokens, is exported with the aud
 path (``torch.onnx.export(dynamo=True)``) and quantized with ``quant.recipes.quantize`` (the same
 handlers the audit runs) on a few random calibration inputs. Every model then runs in ONNX Runtime
 on the same held-out input: median of ``--runs`` timed calls after warm-up, with min and max,
-the ratio against FP32 ONNX, and the output SQNR against FP32. The CPU (``lscpu``), its int8 path
+the ratio against FP32 ONNX, and the output SQNR against FP32. The CPU (its model name, as ``lscpu`` prints it), its int8 path
 and the thread count are printed and recorded. No thresholds; results also go to
 ``benchmarks/results/recipes-<time>.json``.
 
@@ -76,28 +76,10 @@ class _Reader:
         self.i = 0
 
 
-def _cpu() -> str:
-    import subprocess
-
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown")
-
-
-def _time(session, feeds, warmup: int, runs: int) -> list[float]:
-    for _ in range(warmup):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def main(argv: list[str] | None = None) -> int:
-    from onnxruntime import InferenceSession, SessionOptions
-
     from metrics.tensor import sqnr_db
+    from quant.pipeline.ort_modules import open_session, run_session
+    from quant.recipes.census import timed_calls
     from quant.recipes.export import export_program, onnx_size_bytes, save_atomically
     from quant.recipes.quantize import QuantizeOptions, quantize
     from quant.recipes.records import QUANTIZERS
@@ -116,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     side = int(round(math.sqrt(args.tokens / 2)))
     grid = (2, side, args.tokens // (2 * side))
     tokens = grid[0] * grid[1] * grid[2]
-    print(f"CPU: {_cpu()} ({target.int8_path} int8 path; target {target.id}), {threads} threads")
+    print(f"CPU: {target.cpu} ({target.int8_path} int8 path; target {target.id}), {threads} threads")
     print(f"one WanTransformerBlock: hidden {DIM}, ffn {FFN}, {HEADS} heads; {tokens} video tokens {grid}, "
           f"{TEXT_TOKENS} text tokens", flush=True)
     torch.manual_seed(0)
@@ -124,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = [_inputs(i, tokens) for i in range(args.calibration)]
     held = _inputs(1000, tokens)
     names = ("hidden_states", "encoder_hidden_states", "temb")
-    results: dict = {"cpu": _cpu(), "target": target.to_dict(), "threads": threads, "tokens": tokens,
+    results: dict = {"cpu": target.cpu, "target": target.to_dict(), "threads": threads, "tokens": tokens,
                      "grid": grid, "recipes": {}}
     with tempfile.TemporaryDirectory(prefix="qa-bench-") as tmp:
         fp32 = Path(tmp) / "fp32" / "block.onnx"
@@ -133,11 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             program = export_program(model, tuple(torch.from_numpy(held[n]) for n in names), names, ("out",), 18, False)
         save_atomically(lambda p: program.save(p, external_data=True), fp32)
         print(f"exported in {time.perf_counter() - start:.0f} s ({onnx_size_bytes(fp32) / 1e6:.0f} MB)", flush=True)
-        options = SessionOptions()
-        options.intra_op_num_threads = threads
-        reference = InferenceSession(str(fp32), options, providers=["CPUExecutionProvider"])
-        expected = reference.run(None, held)[0]
-        base = _time(reference, held, args.warmup, args.runs)
+        reference = open_session(fp32)  # the audit's sessions: every optimization, the threads set above
+        expected = run_session(reference, held)[0]
+        base = [ms / 1000 for ms in timed_calls(reference, held, args.warmup, args.runs)]
         results["recipes"]["onnx"] = {"median_s": statistics.median(base), "min_s": min(base), "max_s": max(base),
                                       "ratio": 1.0, "size_bytes": onnx_size_bytes(fp32), "sqnr_db": None}
         del reference
@@ -147,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             quantize(fp32, dst, recipe, lambda: _Reader(samples), QuantizeOptions(),
                      torch_module=lambda: model, input_names=names, output_names=("out",))
             made = time.perf_counter() - start
-            session = InferenceSession(str(dst), options, providers=["CPUExecutionProvider"])
-            out = session.run(None, held)[0]
-            times = _time(session, held, args.warmup, args.runs)
+            session = open_session(dst)
+            out = run_session(session, held)[0]
+            times = [ms / 1000 for ms in timed_calls(session, held, args.warmup, args.runs)]
             del session
             entry = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
                      "ratio": statistics.median(base) / statistics.median(times), "size_bytes": onnx_size_bytes(dst),

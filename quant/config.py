@@ -171,6 +171,11 @@ class AuditConfig:
     def to_dict(self) -> dict:
         """The TOML layout of this configuration, with absolute paths."""
         s = self.settings.to_dict()
+        history = {}
+        if self.history_url:  # without its password: config.toml and results.json are shared (PGPASSWORD holds it)
+            from reports.history import describe
+
+            history = {"history": {"url": describe(self.history_url)}}
         return {
             "schema_version": SCHEMA_VERSION, "model": self.model, "tag": self.tag,
             "generation": s,
@@ -189,7 +194,7 @@ class AuditConfig:
             **({"sensitivity": {"modules": list(self.sensitivity), "recipe": self.sensitivity_recipe}}
                if self.sensitivity else {}),
             **({"modules": {m: e.to_toml() for m, e in self.modules.items()}} if self.modules else {}),
-            **({"history": {"url": _redacted(self.history_url)}} if self.history_url else {}),
+            **history,
             **({"search": {"enabled": self.search.enabled, "recipe": self.search.recipe,
                            "fallback": self.search.fallback, "objective": self.search.objective,
                            "name": self.search.name, "modules": list(self.search.modules),
@@ -340,14 +345,6 @@ def _parse_regression(reader: _Reader) -> dict[str, float]:
             raise reader.error(metric, f"tolerance must be a finite number >= 0, got {value!r}")
         out[metric] = value
     return out
-
-
-def _redacted(url: str) -> str:
-    """A history URL without its password (config.toml and results.json are shared; use
-    PGPASSWORD or ~/.pgpass for the secret)."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def _parse_modules(reader: _Reader, base_dir: Path) -> dict:

@@ -28,6 +28,7 @@ from PIL import Image
 from quant.errors import UserError
 from quant.support.files import atomic_write_text
 from quant.recipes.census import precision_counts
+from quant.recipes.names import FLOOR, split_target
 from reports import plots
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -177,11 +178,10 @@ def _cost(summary: pd.DataFrame, variants: list[str]) -> dict | None:
     rows = summary[summary["variant"].isin(variants)].dropna(subset=["video_seconds"])
     if rows.empty:
         return None
-    modules = [c[:-len("_seconds")] for c in rows.columns
-               if c.endswith("_seconds") and c not in ("video_seconds",) and not c.startswith("video_seconds")]
+    modules = [c[:-len("_seconds")] for c in rows.columns if c.endswith("_seconds") and not c.startswith("video_")]
     # the chart and the front are about deployments: not the floor (FP32 PyTorch with moved noise) and
     # not emulations of other targets' kernels (float math here, so their time says nothing)
-    deployable = [v for v in variants if v != "floor" and "~" not in v]
+    deployable = [v for v in variants if v != FLOOR and split_target(v)[1] is None]
     points = [(r.variant, float(r.video_seconds), float(r.psnr_mean)) for r in rows.itertuples()
               if r.variant in deployable and not pd.isna(getattr(r, "psnr_mean", float("nan")))]
     return {"rows": rows.to_dict("records"), "modules": modules, "front": plots.pareto_front(points),

@@ -35,7 +35,7 @@ def test_same_rows_and_answers_as_sqlite(server, tmp_path):
         history.record_run(store, _results("r-02", 39.0, target=THERE))
         history.record_run(store, _results("r-02", 38.5, target=THERE))  # a rerun replaces its rows
     a, b = history.trend(url), history.trend(sqlite)
-    assert a.drop(columns=[]).to_dict("records") == b.to_dict("records")
+    assert a.to_dict("records") == b.to_dict("records")
     assert history.runs(url).to_dict("records") == history.runs(sqlite).to_dict("records")
     for store in (url, sqlite):
         assert history.resolve_baseline(store, "latest", "sha256:abc", HERE) == ("r-01", "")

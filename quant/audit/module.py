@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pandas as pd
 
 from metrics.psnr import CAP_DB, psnr_frames
@@ -58,10 +57,10 @@ from quant.pipeline.ort_modules import open_session, run_session
 from quant.pipeline.video_io import to_uint8
 from quant.recipes.census import kernel_finding, precision_census, precision_counts, timed_calls
 from quant.recipes.emulate import float_math_model
-from quant.recipes.external import fingerprint, model_files
+from quant.recipes.external import TensorSpec, fingerprint, model_files, signature
 from quant.recipes.export import onnx_size_bytes
 from quant.recipes.names import onnx_dir
-from quant.recipes.quantize import QuantizeOptions, check_onnx_file, quantize
+from quant.recipes.quantize import check_onnx_file, quantize
 from quant.recipes.records import ONNX_ONLY, record
 from quant.stages.calibrate import NpzCalibrationReader
 from quant.stages.ledger import Ledger
@@ -75,43 +74,9 @@ from quant.support.target import current_target, set_threads
 SCHEMA_VERSION = 1
 MODEL = "model"  # the module name the single model goes by (file names, history rows)
 HOLDOUT_EVERY = 4
-IMAGE_LAYOUTS = ("N3HW", "NHW3", "N3FHW")
 _RANGES = ((-1.0, 1.0), (0.0, 1.0), (0.0, 255.0))
 _RANGE_SLACK = 0.05  # of the range's width: outputs may overshoot their nominal range a little
-_NUMPY = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64",
-          onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT8: "int8",
-          onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool"}
-
-
 # --- the model and its samples -----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: name, numpy dtype name, dims (int, or None where symbolic)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | None, ...] | None
-
-    def describe(self) -> str:
-        dims = "?" if self.shape is None else ",".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name} {self.dtype}[{dims}]"
-
-
-def _spec(info: onnx.ValueInfoProto) -> TensorSpec:
-    t = info.type.tensor_type
-    shape = None
-    if t.HasField("shape"):
-        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim)
-    return TensorSpec(info.name, _NUMPY.get(t.elem_type, onnx.TensorProto.DataType.Name(t.elem_type).lower()), shape)
-
-
-def signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The graph's inputs (without initializers) and outputs."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {t.name for t in graph.initializer}
-    return [_spec(i) for i in graph.input if i.name not in weights], [_spec(o) for o in graph.output]
-
 
 def check_sample(path: Path, arrays: dict[str, np.ndarray], inputs: list[TensorSpec]) -> None:
     """Raise UserError naming ``path`` and the input when a sample does not fit the graph."""
@@ -129,8 +94,7 @@ def check_sample(path: Path, arrays: dict[str, np.ndarray], inputs: list[TensorS
             raise UserError(f"{path}: input '{name}' is {value.dtype}, the model takes {spec.dtype}")
         if spec.shape is not None and (len(spec.shape) != value.ndim or
                                        any(d is not None and d != v for d, v in zip(spec.shape, value.shape))):
-            raise UserError(f"{path}: input '{name}' has shape {tuple(value.shape)}, the model takes "
-                            f"{spec.describe().split(' ', 1)[1]}")
+            raise UserError(f"{path}: input '{name}' has shape {tuple(value.shape)}, the model takes {spec.type_text()}")
 
 
 def load_samples(folder: Path, inputs: list[TensorSpec]) -> list[Path]:
@@ -147,8 +111,7 @@ def load_samples(folder: Path, inputs: list[TensorSpec]) -> list[Path]:
         raise UserError(f"{folder}: {len(files)} .npz sample(s); need at least 2 (one calibrates, one is held back)")
     for path in files:
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
+            arrays = _read(path)
         except (OSError, ValueError) as exc:
             raise UserError(f"{path}: not a readable .npz of arrays ({str(exc).splitlines()[0][:120]})") from None
         check_sample(path, arrays, inputs)
@@ -280,20 +243,21 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
     return min(finite), float(np.mean(finite))
 
 
-def measure_recipe(recipe: str, fp32_bytes: int, path: Path, held: list[Path], names: list[str],
+def measure_recipe(recipe: str, fp32_bytes: int, path: Path, held: dict[str, dict[str, np.ndarray]], names: list[str],
                    reference: list[list[np.ndarray]], plans: list[OutputPlan], fp32_ms: list[float],
-                   kept_fp32: dict, notes: list[str], options: dict) -> tuple[dict, list[dict]]:
-    """The quantization record of ``recipe`` and one score row per (held-back sample, output)."""
+                   kept_fp32: dict, notes: list[str], options: dict) -> tuple[dict, list[dict], list[np.ndarray]]:
+    """The quantization record of ``recipe``, one score row per (held-back sample, output), and the
+    outputs on the first held-back sample (``held``: sample name -> inputs)."""
     candidate = open_session(path)
     with tempfile.TemporaryDirectory() as tmp:
         float_math = open_session(float_math_model(path, Path(tmp) / "float_math.onnx"), optimize=False)
-    rows, nonfinite = [], 0
-    for sample_path, ref in zip(held, reference):
-        sample = _read(sample_path)
+    rows, nonfinite, first = [], 0, None
+    for (sample_name, sample), ref in zip(held.items(), reference):
         out, math_out = run_session(candidate, sample), run_session(float_math, sample)
+        first = out if first is None else first
         nonfinite += int(any(not np.isfinite(o).all() for o in out))
         for i, plan in enumerate(plans):
-            row = {"variant": recipe, "sample": sample_path.stem, "output": names[i],
+            row = {"variant": recipe, "sample": sample_name, "output": names[i],
                    "sqnr_db": sqnr_db(out[i], ref[i]), "kernel_sqnr_db": sqnr_db(out[i], math_out[i]),
                    "float_math_sqnr_db": sqnr_db(math_out[i], ref[i]), "psnr_db": math.nan, "ssim": math.nan,
                    "images": 0, "identical_images": 0}
@@ -303,7 +267,7 @@ def measure_recipe(recipe: str, fp32_bytes: int, path: Path, held: list[Path], n
                 row.update(psnr_db=float(np.mean(np.minimum(psnr, CAP_DB))), ssim=float(np.mean(ssim_frames(a, b))),
                            images=len(a), identical_images=int(np.isinf(psnr).sum()))
             rows.append(row)
-    ms = timed_calls(candidate, _read(held[0]), runs=9)
+    ms = timed_calls(candidate, next(iter(held.values())), runs=9)
     census = precision_census(path)
     per_output = {}
     for name in names:
@@ -323,7 +287,7 @@ def measure_recipe(recipe: str, fp32_bytes: int, path: Path, held: list[Path], n
              "fp32_latency_ms": statistics.median(fp32_ms), "fp32_latency_min_ms": min(fp32_ms),
              "fp32_latency_max_ms": max(fp32_ms), "latency_runs": len(ms), "samples": len(held),
              "nonfinite_samples": nonfinite, "outputs": per_output, "options": options}
-    return entry, rows
+    return entry, rows, first
 
 
 def summary_row(recipe: str, entry: dict, rows: list[dict]) -> dict:
@@ -378,13 +342,6 @@ def check_recipes(recipes: list[str], config: AuditConfig) -> list[str]:
     return list(dict.fromkeys(recipes))
 
 
-def _options(config: AuditConfig, recipe: str) -> QuantizeOptions:
-    r = record(recipe)
-    return QuantizeOptions(method=config.int8_method if r.methods else "minmax",
-                           reduce_range=config.int8_reduce_range and r.reduce_range,
-                           activation_type=config.int8_activation_type if r.activation_type else "int8")
-
-
 def audit_module(model_path: Path, inputs: Path, out: Path, config: AuditConfig, recipes: list[str] | None = None,
                  ranges: list[str] | None = None, baseline: str | None = None, sensitivity: bool = False,
                  show_progress: bool = True, argv: list[str] | None = None) -> ModuleAuditResult:
@@ -393,7 +350,7 @@ def audit_module(model_path: Path, inputs: Path, out: Path, config: AuditConfig,
     Raises:
         UserError: a bad model, sample, recipe, range, config or baseline (before any heavy work).
     """
-    from quant.audit.run import _new_run_id
+    from quant.audit.run import _new_run_id, quantize_options
     from reports import history
 
     model_path, out = Path(model_path), Path(out)
@@ -416,7 +373,16 @@ def audit_module(model_path: Path, inputs: Path, out: Path, config: AuditConfig,
             print(why, file=sys.stderr)
         if run_id:
             base = Baseline(run_id, history.run_metrics(workspace.history, run_id), history.run_target(workspace.history, run_id))
-    calibration, held = split_samples(samples)
+    calibration, held_files = split_samples(samples)
+    held = {p.stem: _read(p) for p in held_files}  # read once: every recipe is measured on them
+    fp32 = open_session(model_path)
+    names = [o.name for o in fp32.get_outputs()]
+    reference = [run_session(fp32, sample) for sample in held.values()]
+    bad = [n for i, n in enumerate(names) if any(not np.isfinite(r[i]).all() for r in reference)]
+    if bad:
+        raise UserError(f"{model_path}: the FP32 model itself gives NaN/Inf in output '{bad[0]}' on the held-back "
+                        "samples; nothing to compare quantization against")
+    plans = plan_outputs(names, reference, declared)
     work = workspace.work(model_id["fingerprint"])
     run_id, started = _new_run_id(), utc_now()
     run_dir = workspace.run_dir(run_id)
@@ -428,24 +394,15 @@ def audit_module(model_path: Path, inputs: Path, out: Path, config: AuditConfig,
     runner = StageRunner(Ledger(work), done=lambda s: times.append({"name": s.name, "seconds": round(s.seconds, 3),
                                                                      "reused": s.reused}))
 
-    fp32 = open_session(model_path)
-    names = [o.name for o in fp32.get_outputs()]
-    reference = [run_session(fp32, _read(p)) for p in held]
-    bad = [n for i, n in enumerate(names) if any(not np.isfinite(r[i]).all() for r in reference)]
-    if bad:
-        raise UserError(f"{model_path}: the FP32 model itself gives NaN/Inf in output '{bad[0]}' on the held-back "
-                        "samples; nothing to compare quantization against")
-    fp32_ms = timed_calls(fp32, _read(held[0]), runs=9)
-    plans = plan_outputs(names, reference, declared)
+    fp32_ms = timed_calls(fp32, next(iter(held.values())), runs=9)
+    fp32_bytes = sum(f.stat().st_size for f in files)
     entries, score_rows, summary = {}, [], []
     for recipe in progress(recipes, "module audit", "recipe", show_progress):
-        options = _options(config, recipe)
+        options = quantize_options(config, recipe)
         dst = onnx_dir(work, recipe) / f"{MODEL}.onnx"
-        done: dict = {}
 
-        def work_fn(recipe=recipe, options=options, dst=dst, done=done) -> None:
+        def work_fn(recipe=recipe, options=options, dst=dst) -> None:
             result = quantize(model_path, dst, recipe, lambda: NpzCalibrationReader(calibration), options)
-            done["result"] = result
             atomic_write_json(dst.with_suffix(".json"), {"kept_fp32": result.kept_fp32, "notes": result.notes})
 
         runner.run(Stage(f"quantize:{recipe}:{MODEL}", {"recipe": recipe, "options": options.record(),
@@ -454,21 +411,26 @@ def audit_module(model_path: Path, inputs: Path, out: Path, config: AuditConfig,
                          sources=("quant.recipes.quantize", record(recipe).source, "quant.audit.module")))
         made = json.loads(dst.with_suffix(".json").read_text(encoding="utf-8"))
         start = time.perf_counter()
-        entry, rows = measure_recipe(recipe, sum(f.stat().st_size for f in files), dst, held, names, reference, plans, fp32_ms,
-                                     made["kept_fp32"], made["notes"], options.record())
+        entry, rows, first = measure_recipe(recipe, fp32_bytes, dst, held, names, reference, plans, fp32_ms,
+                                            made["kept_fp32"], made["notes"], options.record())
         times.append({"name": f"measure:{recipe}", "seconds": round(time.perf_counter() - start, 3), "reused": False})
         entries[recipe] = entry
         score_rows += rows
         summary.append(summary_row(recipe, entry, rows))
-        _preview(run_dir, recipe, model_path, dst, held[0], reference[0], plans)
+        _preview(run_dir, recipe, reference[0], first, plans)
         atomic_write_json(run_dir / "quantization" / f"{recipe}.json",
                           {"schema_version": SCHEMA_VERSION, "recipe": recipe, "model": model_id,
                            "target": target.to_dict(), "versions": versions(), "modules": {MODEL: entry}})
     ranking = None
     if sensitivity:
         ranking = _sensitivity(model_path, calibration, held, work, config, show_progress, times)
-    results = _results(run_id, started, config, model_id, target, samples, calibration, held, plans, entries, summary,
-                       base, recipes, ranking, times, argv or sys.argv, out, model_path, inputs)
+    atomic_write_text(run_dir / "config.toml", config.to_toml())
+    command = ["quant-audit", "module", "--onnx", str(model_path), "--inputs", str(inputs), "--out", str(out),
+               "--recipes", ",".join(recipes), "--config", str(run_dir / "config.toml"),
+               *[a for name, (lo, hi) in declared.items() for a in ("--output-range", f"{name}={lo!r}:{hi!r}")],
+               *(["--sensitivity"] if sensitivity else [])]
+    results = _results(run_id, started, config, model_id, target, samples, calibration, held_files, plans, entries,
+                       summary, base, ranking, times, argv or sys.argv, command)
     _write(run_dir, results, summary, score_rows, workspace)
     atomic_write_json(run_dir / RUN_FILE, {"schema_version": SCHEMA_VERSION, "run_id": run_id, "kind": "module",
                                            "status": "complete", "started": started, "finished": results["finished"],
@@ -477,7 +439,7 @@ def audit_module(model_path: Path, inputs: Path, out: Path, config: AuditConfig,
     return ModuleAuditResult(run_id, run_dir, results["verdict"], results, failed)
 
 
-def _preview(run_dir: Path, recipe: str, fp32_path: Path, path: Path, sample: Path, reference: list[np.ndarray],
+def _preview(run_dir: Path, recipe: str, reference: list[np.ndarray], out: list[np.ndarray],
              plans: list[OutputPlan]) -> None:
     """``previews/<recipe>.<output>.png``: the first image of the first held-back sample, reference |
     quantized | difference (the video report's layout), for each image output."""
@@ -488,7 +450,6 @@ def _preview(run_dir: Path, recipe: str, fp32_path: Path, path: Path, sample: Pa
     images = [p for p in plans if p.value_range is not None]
     if not images:
         return
-    out = run_session(open_session(path), _read(sample))
     names = [p.name for p in plans]
     for plan in images:
         i = names.index(plan.name)
@@ -507,11 +468,12 @@ def _safe(name: str) -> str:
 
 
 def _sensitivity(model_path, calibration, held, work, config, show_progress, times) -> dict:
+    from quant.audit.run import quantize_options
     from quant.stages.sensitivity import rank_nodes, write_sensitivity
 
     start = time.perf_counter()
-    table, extra = rank_nodes(model_path, lambda: NpzCalibrationReader(calibration), [_read(p) for p in held], "int8",
-                              _options(config, "int8"), MODEL, show_progress)
+    table, extra = rank_nodes(model_path, lambda: NpzCalibrationReader(calibration), list(held.values()), "int8",
+                              quantize_options(config, "int8"), MODEL, show_progress)
     write_sensitivity(work, MODEL, "int8", table, extra)
     times.append({"name": "sensitivity:int8", "seconds": round(time.perf_counter() - start, 3), "reused": False})
     return {"recipe": "int8", "full_sqnr_db": json_number(extra["full_sqnr_db"]),
@@ -519,7 +481,7 @@ def _sensitivity(model_path, calibration, held, work, config, show_progress, tim
 
 
 def _results(run_id, started, config, model_id, target, samples, calibration, held, plans, entries, summary, base,
-             recipes, ranking, times, argv, out, model_path, inputs) -> dict:
+             ranking, times, argv, command) -> dict:
     variants, checked = [], []
     for row in summary:
         recipe = row["variant"]
@@ -535,8 +497,6 @@ def _results(run_id, started, config, model_id, target, samples, calibration, he
                          "quantization": {k: entry[k] for k in ("options", "kept_fp32", "notes", "file")},
                          "passed": all(g.passed for g in gates),
                          "gates": [g.to_dict() for g in gates]})
-    command = ["quant-audit", "module", "--onnx", str(model_path), "--inputs", str(inputs), "--out", str(out),
-               "--recipes", ",".join(recipes)]
     return {
         "schema_version": SCHEMA_VERSION, "kind": "module", "run_id": run_id, "tag": config.tag,
         "started": started, "finished": utc_now(),

@@ -131,6 +131,15 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 # --- the audit ---------------------------------------------------------------------------------
 
+def quantize_options(config: AuditConfig, recipe: str, keep: tuple[str, ...] = (),
+                     cache: str | None = None) -> QuantizeOptions:
+    """The options ``recipe`` quantizes with under ``config`` (method, reduce_range, activation type)."""
+    r = record(recipe)
+    return QuantizeOptions(method=config.int8_method if r.methods else "minmax", nodes_to_exclude=keep,
+                           calibration_cache=cache, reduce_range=config.int8_reduce_range and r.reduce_range,
+                           activation_type=config.int8_activation_type if r.activation_type else "int8")
+
+
 class Audit:
     """One run: the stages in order, each a small method; ``run_audit`` drives it."""
 
@@ -215,11 +224,7 @@ class Audit:
         return self.keys[f"quantize:{recipe}:{module}"]
 
     def quantize_options(self, recipe: str, keep: tuple[str, ...] = (), cache: str | None = None) -> QuantizeOptions:
-        """The options ``recipe`` quantizes with under this config (method, reduce_range, activation type)."""
-        r = record(recipe)
-        return QuantizeOptions(method=self.config.int8_method if r.methods else "minmax", nodes_to_exclude=keep,
-                               calibration_cache=cache, reduce_range=self.config.int8_reduce_range and r.reduce_range,
-                               activation_type=self.config.int8_activation_type if r.activation_type else "int8")
+        return quantize_options(self.config, recipe, keep, cache)
 
     def quantize(self, variants: list[Variant] | None = None, label: str = "quantize") -> None:
         """Quantize every (recipe, module) the variants use; ``<recipe>+keep-<tag>`` keeps its nodes FP32,

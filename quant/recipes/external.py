@@ -25,6 +25,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from quant.errors import UserError
@@ -89,10 +90,40 @@ def fingerprint(files: list[Path]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _graph_names(path: Path) -> tuple[list[str], list[str]]:
-    graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {t.name for t in graph.initializer}
-    return [i.name for i in graph.input if i.name not in weights], [o.name for o in graph.output]
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, dims (int, or None where symbolic)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...] | None
+
+    def describe(self) -> str:
+        return f"{self.name} {self.type_text()}"
+
+    def type_text(self) -> str:
+        dims = "?" if self.shape is None else ",".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.dtype}[{dims}]"
+
+
+def _spec(info: onnx.ValueInfoProto) -> TensorSpec:
+    t = info.type.tensor_type
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+    except (KeyError, TypeError, ValueError):  # a type numpy has no name for
+        dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower()
+    shape = None
+    if t.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim)
+    return TensorSpec(info.name, dtype, shape)
+
+
+def signature(model: Path | onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's inputs (without initializers) and outputs, from a file (weights not loaded) or a model."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    return ([_spec(i) for i in model.graph.input if i.name not in weights], [_spec(o) for o in model.graph.output])
 
 
 def _map(kind: str, wanted: tuple[str, ...], found: list[str], explicit: dict[str, str], path: Path,
@@ -133,7 +164,7 @@ def mapping(ext: ExternalModule, module: str) -> dict[str, str]:
         UserError: a missing or unreadable file, or names that cannot be mapped.
     """
     model_files(ext.path)
-    inputs, outputs = _graph_names(ext.path)
+    inputs, outputs = ([t.name for t in side] for side in signature(ext.path))
     io = MODULE_IO[module]
     return {**_map("inputs", io.inputs, inputs, dict(ext.inputs), ext.path, module),
             **_map("outputs", io.outputs, outputs, dict(ext.outputs), ext.path, module)}
@@ -161,15 +192,12 @@ def rename_io(model: onnx.ModelProto, names: dict[str, str]) -> None:
                 node.output[i] = names[name]
 
 
-def opset(path: Path) -> int:
-    model = onnx.load(str(path), load_external_data=False)
+def opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def dynamic_batch(path: Path) -> bool:
+def dynamic_batch(model: onnx.ModelProto) -> bool:
     """Whether the graph's first input has a symbolic (or unknown) first dimension."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {t.name for t in graph.initializer}
-    first = next((i for i in graph.input if i.name not in weights), None)
-    dims = first.type.tensor_type.shape.dim if first is not None else []
-    return bool(dims) and not dims[0].HasField("dim_value")
+    inputs, _ = signature(model)
+    return bool(inputs) and bool(inputs[0].shape) and inputs[0].shape[0] is None

@@ -123,7 +123,7 @@ def import_external(model: LoadedModel, settings: GenerationSettings, root: Path
         rename_io(graph, names)
         save_model(graph, dest, graph.ByteSize() >= EXTERNAL_DATA_BYTES)
         record = ExportRecord(module=module, path=str(dest), seconds=round(time.perf_counter() - start, 2),
-                              opset=external_opset(dest), dynamic_batch=dynamic_batch(dest),
+                              opset=external_opset(graph), dynamic_batch=dynamic_batch(graph),
                               external_data=len(model_files(external.path)) > 1, size_bytes=onnx_size_bytes(dest),
                               source=str(external.path), mapping=names)
         samples = [s.inputs for s in spread(recorded[module], PARITY_SAMPLES)]
@@ -134,7 +134,7 @@ def import_external(model: LoadedModel, settings: GenerationSettings, root: Path
             raise UserError(f"{external.path}: ONNX Runtime cannot run it on {module}'s inputs ({shapes}): "
                             f"{str(exc).splitlines()[0][:200]}") from None
     report = ExportReport([record], [parity])
-    _write_records(model, settings, root, report, prompts, seed, ExportOptions(opset=max(record.opset, 18)))
+    _write_records(model, settings, root, report, prompts, seed, ExportOptions())  # the record holds its opset
     return report
 
 
