@@ -21,7 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from quant.errors import CheckFailed, UserError  # noqa: E402
+from quant.errors import CheckFailed, TaskFailed, UserError  # noqa: E402
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -212,7 +212,14 @@ def cmd_run(args) -> int:
     from quant.config import load_config
     from reports.console import verdict_lines
 
-    config = load_config(args.config).override(model=args.model, tag=args.tag)
+    executor = args.executor or ("ray" if args.ray_address else None)
+    if args.ray_address and executor != "ray":
+        raise UserError("--ray-address needs --executor ray")
+    if args.history_url is not None and not args.history_url.startswith(("sqlite:///", "postgresql")):
+        raise UserError(f"--history-url: expected sqlite:///PATH or postgresql://..., got {args.history_url!r}")
+    config = load_config(args.config).override(model=args.model, tag=args.tag, executor=executor,
+                                               ray_address=args.ray_address, device=args.device,
+                                               history_url=args.history_url)
     result = run_audit(config, args.out, baseline=args.baseline, fresh=args.fresh, argv=["quant-audit", *(args.argv or [])])
     print(verdict_lines(result.results))
     print(f"report: {result.run_dir / 'report.html'}")
@@ -347,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", help="release tag recorded with the run (e.g. v1.2-rc1)")
     p.add_argument("--baseline", help="'latest' or a run id: fail when a metric drops beyond [regression] tolerances")
     p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished work")
+    p.add_argument("--executor", choices=["local", "ray"], help="override [runtime] executor: where quantizations, "
+                   "videos and scores run (ray: tasks on a Ray cluster)")
+    p.add_argument("--ray-address", help="override [runtime] ray_address: auto, ray://HOST:PORT or HOST:PORT "
+                   "(implies --executor ray; unset: a local cluster)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="override [runtime] device")
+    p.add_argument("--history-url", help="override [history] url: sqlite:///PATH or postgresql://...")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("module", help="audit one ONNX model you already have: fp16/int8/int8-dynamic against FP32 "
@@ -475,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as exc:
         print(f"quant-audit: FAILED: {exc}", file=sys.stderr)
         return EXIT_CHECK_FAILED
+    except TaskFailed as exc:  # the tasks are named; finished stages are kept for the rerun
+        print(f"quant-audit: error: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         print("quant-audit: interrupted; finished files are kept", file=sys.stderr)
         return 130

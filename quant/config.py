@@ -36,6 +36,8 @@ DEFAULT_CONFIG = REPO_ROOT / "audit.toml"
 QUANT_RECIPES = QUANTIZERS
 INT8_METHODS = tuple(dict.fromkeys(m for r in RECORDS.values() for m in r.methods))
 ACTIVATION_TYPES = ("int8", "uint8")
+EXECUTORS = ("local", "ray")  # [runtime] executor (quant.stages.executor)
+DEVICES = ("cpu", "cuda")  # [runtime] device
 
 
 OBJECTIVES = ("coverage", "latency")
@@ -93,6 +95,9 @@ class AuditConfig:
     int8_activation_type: str = "int8"
     threads: int | None = None  # [runtime] threads: None = all usable cores
     emulate: tuple[str, ...] = ()  # [runtime] emulate: int8 paths of other targets (quant.recipes.emulate)
+    executor: str = "local"  # [runtime] executor: "local" or "ray" (quant.stages.executor)
+    ray_address: str | None = None  # [runtime] ray_address: "auto", "ray://host:port", host:port; None = a local cluster
+    device: str = "cpu"  # [runtime] device: "cpu" or "cuda"
     floor: bool = True
     variants: tuple[str, ...] = ("onnx", "fp16", "int8", "int8-dynamic", "inc-int8", "mixed")
     attribution: bool = True
@@ -185,7 +190,9 @@ class AuditConfig:
             "export": {"simplify": self.simplify},
             "quantize": {"recipes": list(self.recipes), "int8_method": self.int8_method,
                          "int8_reduce_range": self.int8_reduce_range, "int8_activation_type": self.int8_activation_type},
-            "runtime": {**({"threads": self.threads} if self.threads is not None else {}), "emulate": list(self.emulate)},
+            "runtime": {**({"threads": self.threads} if self.threads is not None else {}), "emulate": list(self.emulate),
+                        "executor": self.executor, **({"ray_address": self.ray_address} if self.ray_address else {}),
+                        "device": self.device},
             "variants": {"run": list(self.variants), "attribution": self.attribution, "floor": self.floor,
                          "save_latents": self.save_latents, "fps": self.fps},
             "mixes": {k: {m: self._mix_entry(r) for m, r in v.items()} for k, v in self.mixes.items()},
@@ -459,6 +466,15 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
     for target in emulate:
         if target not in INT8_PATHS:
             raise runtime.error("emulate", f"unknown target '{target}' (targets: {', '.join(INT8_PATHS)})")
+    executor = runtime.take("executor", str, d.executor)
+    if executor not in EXECUTORS:
+        raise runtime.error("executor", f"expected one of {', '.join(EXECUTORS)}, got {executor!r}")
+    ray_address = runtime.take("ray_address", str, d.ray_address)
+    if ray_address is not None and executor != "ray":
+        raise runtime.error("ray_address", "is only read with executor = \"ray\"")
+    device = runtime.take("device", str, d.device)
+    if device not in DEVICES:
+        raise runtime.error("device", f"expected one of {', '.join(DEVICES)}, got {device!r}")
     runtime.done()
     var = top.sub("variants")
     variants = var.take_list("run", str, d.variants)
@@ -495,6 +511,7 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
                          calibration_prompts=cal_prompts, calibration_seeds=cal_seeds, calibration_samples=samples,
                          simplify=simplify, recipes=recipes, int8_method=method, int8_reduce_range=reduce_range,
                          int8_activation_type=activation_type, threads=threads, emulate=tuple(dict.fromkeys(emulate)),
+                         executor=executor, ray_address=ray_address, device=device,
                          floor=floor, variants=variants,
                          attribution=attribution, save_latents=save_latents, fps=fps, mixes=mixes, gates=gates,
                          regression=regression, keep_fp32=keep, search=search, sensitivity=sens_modules,

@@ -23,3 +23,14 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (or its type name), for one-line errors."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+class TaskFailed(Exception):
+    """Tasks of a stage (a video, a variant's scores, a quantization) failed on every attempt;
+    exit code 3, with every failed task named. ``failures``: (task, one-line reason)."""
+
+    def __init__(self, failures):
+        self.failures = list(failures)
+        names = "; ".join(f"{task.name}: {reason}" for task, reason in self.failures[:5])
+        more = f" (and {len(self.failures) - 5} more)" if len(self.failures) > 5 else ""
+        super().__init__(f"{len(self.failures)} task(s) failed after retries: {names}{more}")

@@ -38,7 +38,8 @@ from quant.support.environment import utc_now, versions
 from quant.recipes.export import ExportOptions
 from quant.stages.export import export_pipeline
 from quant.gates import Baseline, GateResult, check_gates, check_regression, mark_noise_floor
-from quant.stages.generate import VideoRecord, generate_variant, variant_cost, video_dir
+from quant.stages.executor import Task
+from quant.stages.generate import VariantVideos, VideoRecord, variant_cost, video_dir
 from quant.support.files import atomic_path, atomic_write_json, atomic_write_text, json_number
 from quant.stages.ledger import Ledger, stage_key
 from quant.stages.runner import Stage, StageRun, StageRunner
@@ -50,8 +51,8 @@ from quant.support.progress import progress
 from quant.pipeline.prompts import read_prompts
 from quant.recipes.quantize import QuantizeOptions
 from quant.recipes.records import record
-from quant.stages.quantize import quantize_pipeline, report_path
-from quant.stages.score import PromptSet, judge_folder, score_folders, table_paths, write_tables
+from quant.stages.quantize import quantize_inputs, quantize_task, record_quantized, report_path
+from quant.stages.score import PromptSet, judge_folder, score_inputs, score_outputs, score_task, table_paths
 from quant.support.target import Target, current_target, set_threads
 from quant.recipes.names import FLOOR, Variant, base_recipe, onnx_dir, onnx_path, split_target
 
@@ -66,6 +67,9 @@ GENERATE_SOURCES = ("quant.pipeline.sampling", "quant.pipeline.ort_modules", "qu
                     "quant.stages.generate")
 SCORE_SOURCES = ("quant.stages.score", "metrics.psnr", "metrics.ssim", "metrics.temporal", "metrics.tensor",
                  "metrics.scores", "metrics.adherence", "metrics.shapes_world")
+# What Ray workers must run the same code of (quant.stages.executor): every task function's stage.
+TASK_SOURCES = tuple(dict.fromkeys(QUANTIZE_SOURCES + GENERATE_SOURCES + SCORE_SOURCES + (
+    "quant.stages.executor", "quant.recipes.int8", "quant.recipes.fp16", "quant.recipes.inc")))
 SENSITIVITY_SOURCES = ("quant.stages.sensitivity", "quant.recipes.quantize", "quant.recipes.int8", "quant.recipes.fp16")
 
 
@@ -74,6 +78,7 @@ class StageTime:
     name: str
     seconds: float
     reused: bool
+    where: str = "local"  # the driver, or the Ray nodes its tasks ran on (quant.stages.executor)
 
 
 @dataclass
@@ -163,6 +168,7 @@ class Audit:
         self.keep_fp32: dict[str, tuple[str, ...]] = dict(config.keep_fp32)
         self.extra_gates: dict[str, tuple] = {}  # variant -> gates not in the config (the searched mix)
         self.times: list[StageTime] = []
+        self._executor = None
         self.records: dict[str, list[VideoRecord]] = {}
         self.adherence: dict | None = None  # the reference's own adherence (reference_adherence), once judged
         # Every stage's numbers depend on the target (ORT kernels, float SIMD paths, threads), so
@@ -176,9 +182,34 @@ class Audit:
         stage = Stage(name, {**self.base, **inputs}, work, tuple(outputs), tuple(files), tuple(sources))
         return self.runner.run(stage).key
 
+    def _task_stage(self, name: str, inputs: dict, tasks, collect, outputs=(), files=(), sources=(),
+                    finish=None) -> Stage:
+        """A stage whose work is ``tasks`` (a list, or a function planning them) on the executor."""
+        return Stage(name, {**self.base, **inputs}, finish or (lambda: None), tuple(outputs), tuple(files), tuple(sources),
+                     tasks=tasks if callable(tasks) else (lambda: tasks), collect=collect)
+
+    @property
+    def executor(self):
+        """``[runtime] executor``: this process, or a Ray cluster (connected on first use)."""
+        if self._executor is None:
+            from quant.stages.executor import make_executor
+
+            self._executor = make_executor(self.config.executor, self.model, self.work, self.target, self.config.threads,
+                                           self.config.ray_address, TASK_SOURCES)
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+
+    def _batch(self, stages: list[Stage], label: str) -> None:
+        if stages:
+            self.runner.run_batch(stages, self.executor, label, self.show)
+
     def _finished(self, done: StageRun) -> None:
         self.keys[done.name] = done.key
-        self.times.append(StageTime(done.name, done.seconds, done.reused))
+        self.times.append(StageTime(done.name, done.seconds, done.reused, done.where))
         if not done.reused and not sys.stderr.isatty():  # a CI log: one line per stage that did work
             print(f"{done.name}: {done.seconds:.1f} s", file=sys.stderr, flush=True)
 
@@ -232,21 +263,31 @@ class Audit:
         variants = self.variants if variants is None else variants
         used = list(dict.fromkeys((r, m) for v in variants for m, r in v.modules.items() if r not in ("torch", "onnx")))
         jobs = list(dict.fromkeys((split_target(r)[0], m) for r, m in used))
-        for recipe, module in progress(jobs, label, "model", self.show):
+        stages = []
+        for recipe, module in jobs:
             keep = self.keep_fp32.get(recipe, ())
             cache = None
             if keep and record(recipe).shares_calibration:  # mixes of one module share one range cache
-                cache = str(self.work / "calibration" / f"ranges.{module}.{self.config.int8_method}."
-                            f"{self.keys[f'export:{module}']}.json")
-            options = self.quantize_options(recipe, keep, cache)
+                cache = (f"calibration/ranges.{module}.{self.config.int8_method}."
+                         f"{self.keys[f'export:{module}']}.json")
+            options = self.quantize_options(recipe, keep)
             inputs = {"stage": "quantize", "recipe": base_recipe(recipe), "module": module,
                       "options": options.record(), "export": self.keys[f"export:{module}"],
                       "calibration": self.keys["calibrate"]}
-            self._stage(f"quantize:{recipe}:{module}", inputs, lambda r=recipe, m=module, o=options: quantize_pipeline(
-                self.model, self.settings, self.work, r, o, modules=[m], show_progress=False,
-                calibration=self.calibration),
+            task = Task(f"quantize:{recipe}:{module}", quantize_task,
+                        {"recipe": recipe, "module": module, "options": options, "settings": self.settings,
+                         "cache": cache},
+                        inputs=quantize_inputs(self.work, module, cache if cache and (self.work / cache).is_file() else None),
+                        outputs=tuple(str(p.relative_to(self.work)) for p in (
+                            onnx_path(self.work, recipe, module), Path(f"{onnx_path(self.work, recipe, module)}.data")))
+                        + ((cache,) if cache else ()))
+            stages.append(self._task_stage(
+                f"quantize:{recipe}:{module}", inputs, [task], lambda r, rec=recipe, o=options: record_quantized(
+                    self.model, self.settings, self.work, rec, o, {r.task.kwargs["module"]: r.value},
+                    self.calibration.manifest),
                 [onnx_path(self.work, recipe, module)], files=[onnx_path(self.work, "onnx", module)],
-                sources=QUANTIZE_SOURCES + (record(recipe).source,))
+                sources=QUANTIZE_SOURCES + (record(recipe).source,)))
+        self._batch(stages, label)
         self.emulate([(r, m) for r, m in used if split_target(r)[1] is not None])
 
     def emulate(self, jobs: list[tuple[str, str]]) -> None:
@@ -270,20 +311,24 @@ class Audit:
     def generate(self, variants: list[Variant] | None = None, label: str = "generate") -> None:
         """The reference (``torch``) and every variant's videos, each a stage keyed by its models."""
         reference = Variant("torch", {m: "torch" for m in self.modules})
-        variants = self.variants if variants is None else variants
-        with progress([reference] + variants, label, "variant", self.show) as bar:
-            for variant in bar:
-                bar.set_postfix_str(variant.name)
-                inputs = self._generate_inputs(variant)
-                folder = video_dir(self.work, variant.name)
-                files = [onnx_path(self.work, r, m) for m, r in variant.modules.items() if r != "torch"]
-                self._stage(f"generate:{variant.name}", inputs, lambda v=variant: generate_variant(
-                    self.model, v, self.prompts, list(self.config.seeds), self.settings, self.work,
-                    fps=self.config.fps, show_progress=False, save_latents=self.config.save_latents,
-                    key=None if self.fresh else self.runner.keys[f"generate:{v.name}"]), [folder / "manifest.json"],
-                    files, GENERATE_SOURCES)
-                manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-                self.records[variant.name] = [VideoRecord(**v) for v in manifest["videos"]]
+        variants = [reference] + (self.variants if variants is None else variants)
+        stages = []
+        for variant in variants:
+            name = f"generate:{variant.name}"
+            job = VariantVideos(self.model, variant, self.prompts, list(self.config.seeds), self.settings, self.work,
+                                fps=self.config.fps, save_latents=self.config.save_latents)
+
+            def plan(job=job, name=name):
+                job.key = None if self.fresh else self.runner.keys[name]
+                return job.tasks()
+
+            files = [onnx_path(self.work, r, m) for m, r in variant.modules.items() if r != "torch"]
+            stages.append(self._task_stage(name, self._generate_inputs(variant), plan, job.collect,
+                                           [job.folder / "manifest.json"], files, GENERATE_SOURCES, finish=job.finish))
+        self._batch(stages, label)
+        for variant in variants:
+            manifest = json.loads((video_dir(self.work, variant.name) / "manifest.json").read_text(encoding="utf-8"))
+            self.records[variant.name] = [VideoRecord(**v) for v in manifest["videos"]]
 
     def _score_path(self, variant: str) -> Path:
         return Workspace.scores(self.work, variant)
@@ -291,17 +336,19 @@ class Audit:
     def score(self, variants: list[Variant] | None = None, label: str = "score") -> dict[str, pd.DataFrame]:
         """Score tables of the variants against ``torch`` (frames, videos, summary, latents)."""
         parts: dict[str, list[pd.DataFrame]] = {"frames": [], "videos": [], "summary": [], "latents": []}
-        reference = video_dir(self.work, "torch")
-        for variant in progress(self.variants if variants is None else variants, label, "variant", self.show):
+        variants = self.variants if variants is None else variants
+        stages = []
+        for variant in variants:
             inputs = {"stage": "score", "reference": self.keys["generate:torch"],
                       "candidate": self.keys[f"generate:{variant.name}"], "metrics": _metrics_version(),
                       "prompts": self.prompt_set.record()}
-            out = self._score_path(variant.name)
-            self._stage(f"score:{variant.name}", inputs, lambda v=variant, o=out: write_tables(
-                score_folders(reference, video_dir(self.work, v.name), variant=v.name, show_progress=False,
-                              prompts=self.prompt_set), o), [out],
-                sources=SCORE_SOURCES)
-            for kind, path in table_paths(out).items():
+            task = Task(f"score:{variant.name}", score_task, {"variant": variant.name, "prompts": self.prompt_set},
+                        inputs=score_inputs(variant.name), outputs=score_outputs(variant.name))
+            stages.append(self._task_stage(f"score:{variant.name}", inputs, [task], lambda r: None,
+                                           [self._score_path(variant.name)], sources=SCORE_SOURCES))
+        self._batch(stages, label)
+        for variant in variants:
+            for kind, path in table_paths(self._score_path(variant.name)).items():
                 if kind != "metrics" and path.is_file():
                     parts[kind].append(pd.read_csv(path))
         tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items() if v}
@@ -506,7 +553,9 @@ def build_results(audit: Audit, entries: list[dict], checked: list[GateResult], 
                           "modules": {m: {k: json_number(v) if isinstance(v, float) else v for k, v in d.items()}
                                       for m, d in e.get("modules", {}).items()}}
                       for r, e in emulation_summary(audit.work, _quantized_recipes(audit)).items()},
-        "stages": [{"name": t.name, "seconds": round(t.seconds, 3), "reused": t.reused} for t in audit.times],
+        "executor": audit.config.executor,
+        "stages": [{"name": t.name, "seconds": round(t.seconds, 3), "reused": t.reused, "where": t.where}
+                   for t in audit.times],
         "failed_gates": [g.to_dict() for g in checked if not g.passed],
         "parity_gates": [g.to_dict() for g in checked if g.kind == "parity"],
         "search_gates": [g.to_dict() for g in checked if g.kind == "search"],
@@ -699,12 +748,15 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
             print(why, file=sys.stderr)
     with locked_work(out, model.fingerprint):
         audit, started = _open_run(config, model, out, config_key, fresh, show_progress, target)
-        audit.export()
-        audit.calibrate()
-        audit.quantize()
-        audit.generate()
-        extras = _analyses(audit)
-        tables = audit.score()
+        try:
+            audit.export()
+            audit.calibrate()
+            audit.quantize()
+            audit.generate()
+            extras = _analyses(audit)
+            tables = audit.score()
+        finally:
+            audit.close()
         audit.reference_adherence()
         results, checked = _publish(audit, tables, base, started, argv or sys.argv, extras)
         _write_status(audit, config_key, started, "complete", finished=results["finished"], verdict=results["verdict"])
@@ -733,6 +785,9 @@ def search_pipeline(config: AuditConfig, out: Path, objective: str | None = None
     config.settings.check_for(model.pipe)
     with locked_work(Path(out), model.fingerprint):
         audit = Audit(config, model, Path(out), "search", show_progress)
-        audit.export()
-        audit.calibrate()
-        return run_search(audit, settings)
+        try:
+            audit.export()
+            audit.calibrate()
+            return run_search(audit, settings)
+        finally:
+            audit.close()

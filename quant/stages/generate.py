@@ -22,11 +22,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from quant.stages.executor import LocalExecutor, Task, TaskContext, TaskResult
 from quant.stages.workspace import Workspace
-from quant.support.progress import progress
 
 from quant.support.environment import versions
-from quant.support.files import atomic_write_json
+from quant.support.files import atomic_write_json, file_hash
 from quant.pipeline.models import LoadedModel
 from quant.pipeline.cost import ModuleClock, PeakRSS, model_bytes
 from quant.pipeline.ort_modules import STAND_INS, open_session
@@ -34,7 +34,7 @@ from quant.recipes.export import onnx_size_bytes
 from quant.pipeline.sampling import generate_video
 from quant.recipes.manifest import check_onnx_folder, verify_file
 from quant.pipeline.prompts import prompt_id
-from quant.pipeline.settings import GenerationSettings
+from quant.pipeline.settings import GenerationSettings, shape_key
 from quant.recipes.names import Variant, onnx_path, split_target
 from quant.pipeline.video_io import LATENTS_DIR, load_frames, save_npz, save_trajectory, save_webp
 
@@ -136,56 +136,132 @@ def nonfinite_counts(pipe) -> dict[str, int]:
     return {m: part.nonfinite_calls for m, part in parts.items() if hasattr(part, "nonfinite_calls")}
 
 
+PIPES = 2  # assembled pipelines kept per process (a variant's videos reuse its ORT sessions)
+_PIPES: dict[tuple, object] = {}
+
+
+def _pipe(model: LoadedModel, variant: Variant, root: Path, settings: GenerationSettings):
+    """``assemble`` once per (model, variant modules, model files' content) in this process."""
+    paths = {m: onnx_path(root, r, m) for m, r in variant.onnx_modules.items()}
+    if not all(p.is_file() for p in paths.values()):
+        return assemble(model, variant, root, settings)  # says which file is missing
+    files = tuple(sorted((m, file_hash(p)) for m, p in paths.items()))
+    key = (model.fingerprint, tuple(sorted(variant.modules.items())), files, json.dumps(shape_key(settings), sort_keys=True))
+    if key not in _PIPES:
+        while len(_PIPES) >= PIPES:
+            _PIPES.pop(next(iter(_PIPES)))
+        _PIPES[key] = assemble(model, variant, root, settings)
+    return _PIPES[key]
+
+
+def video_name(index: int, seed: int) -> str:
+    return f"{prompt_id(index)}_s{seed}"
+
+
+def video_task(context: TaskContext, variant: Variant, settings: GenerationSettings, prompt: str, index: int,
+               seed: int, fps: int, save_latents: bool) -> dict:
+    """One video (a task, ``quant.stages.executor``): generated with ``variant``'s models under
+    ``context.root``, timed (wall and per module), its files written to ``videos/<variant>/``;
+    returns its ``VideoRecord`` and the process's peak RSS while it ran."""
+    model, root = context.model, context.root
+    pipe = _pipe(model, variant, root, settings)
+    folder = video_dir(root, variant.name)
+    with ModuleClock(pipe) as clock, PeakRSS() as rss:
+        before = nonfinite_counts(pipe)
+        start = time.perf_counter()
+        video = generate_video(pipe, prompt, seed, settings, trajectory=save_latents, noise_ulps=variant.noise_ulps)
+        seconds = time.perf_counter() - start
+        after = nonfinite_counts(pipe)
+    name = video_name(index, seed)
+    path = folder / f"{name}.npz"
+    if video.trajectory is not None:
+        save_trajectory(folder / LATENTS_DIR / f"{name}.npz", video.trajectory)
+    save_npz(path, video.frames, prompt=prompt, seed=seed, variant=variant.name, nonfinite=video.nonfinite)
+    save_webp(folder / f"{name}.webp", video.frames, fps=fps)
+    record = VideoRecord(path.name, prompt_id(index), prompt, seed, int(video.frames.shape[0]), video.nonfinite,
+                         hashlib.sha256(video.frames.tobytes()).hexdigest(),
+                         {m: after[m] - before[m] for m in after if after[m] - before[m]}, round(seconds, 6),
+                         {m: round(t, 6) for m, t in clock.seconds.items()})
+    return {"record": asdict(record), "peak_rss_bytes": rss.peak_bytes, "peak_rss_reset": rss.reset}
+
+
+class VariantVideos:
+    """A variant's videos as tasks (``tasks``), gathered as they arrive (``collect``: the manifest
+    is rewritten after each, so an interrupted run keeps them) and finished with its cost
+    (``finish``). ``generate_variant`` runs it here; the audit sends the tasks of every variant
+    to its executor at once."""
+
+    def __init__(self, model: LoadedModel, variant: Variant, prompts: list[str], seeds: list[int],
+                 settings: GenerationSettings, root: Path, fps: int = 8, save_latents: bool = True,
+                 key: str | None = None):
+        self.model, self.variant, self.settings, self.root = model, variant, settings, Path(root)
+        self.jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
+        self.fps, self.save_latents, self.key = fps, save_latents, key
+        self.folder = video_dir(self.root, variant.name)
+        self.records: dict[tuple[str, int], VideoRecord] = {}
+        self.peak: tuple[int | None, bool] = (None, False)
+
+    def _inputs(self) -> tuple[str, ...]:
+        """The variant's ONNX files and their folders' manifests, relative to ``root``."""
+        out = []
+        for module, recipe in sorted(self.variant.onnx_modules.items()):
+            path = onnx_path(self.root, recipe, module)
+            out += [path.with_name("manifest.json"), path, Path(str(path) + ".data")]
+        return tuple(dict.fromkeys(str(p.relative_to(self.root)) for p in out))
+
+    def tasks(self) -> list[Task]:
+        self.settings.check_for(self.model.pipe)
+        _pipe(self.model, self.variant, self.root, self.settings)  # every model file checked here, before any task
+        self.records = _finished(self.folder, self.key)
+        inputs = self._inputs()
+        rel = self.folder.relative_to(self.root)
+        tasks = []
+        for index, prompt, seed in self.jobs:
+            if (prompt, seed) in self.records:
+                continue
+            name = video_name(index, seed)
+            tasks.append(Task(f"generate:{self.variant.name}:{name}", video_task,
+                              {"variant": self.variant, "settings": self.settings, "prompt": prompt, "index": index,
+                               "seed": seed, "fps": self.fps, "save_latents": self.save_latents},
+                              inputs=inputs, outputs=(f"{rel}/{name}.npz", f"{rel}/{name}.webp",
+                                                      f"{rel}/{LATENTS_DIR}/{name}.npz")))
+        return tasks
+
+    def ordered(self) -> list[VideoRecord]:
+        return [self.records[(p, s)] for _, p, s in self.jobs if (p, s) in self.records]
+
+    def collect(self, result: TaskResult) -> None:
+        record = VideoRecord(**result.value["record"])
+        self.records[(record.prompt, record.seed)] = record
+        peak, reset = self.peak
+        if result.value["peak_rss_bytes"] is not None and (peak is None or result.value["peak_rss_bytes"] > peak):
+            self.peak = (result.value["peak_rss_bytes"], result.value["peak_rss_reset"])
+        atomic_write_json(self.folder / "manifest.json",
+                          _manifest(self.model, self.variant, self.settings, self.ordered(), self.key))
+
+    def finish(self) -> None:
+        records = self.ordered()
+        onnx_bytes = {m: onnx_size_bytes(onnx_path(self.root, r, m)) for m, r in self.variant.onnx_modules.items()}
+        cost = {"peak_rss_bytes": self.peak[0], "peak_rss_reset": self.peak[1],
+                "model_bytes": model_bytes(self.model.pipe, onnx_bytes), "videos_timed": sum(1 for r in records if r.seconds)}
+        atomic_write_json(self.folder / "manifest.json",
+                          _manifest(self.model, self.variant, self.settings, records, self.key, cost))
+
+
 def generate_variant(model: LoadedModel, variant: Variant, prompts: list[str], seeds: list[int],
                      settings: GenerationSettings, root: Path, fps: int = 8,
                      show_progress: bool = True, save_latents: bool = True, key: str | None = None) -> list[VideoRecord]:
-    """Generate every (prompt, seed) with ``variant`` and write the files described above.
+    """Generate every (prompt, seed) with ``variant`` in this process and write the files described above.
 
     With ``save_latents`` the latents after every step go to ``latents/<name>.npz`` beside the
     video, so ``quant-audit score`` can say at which step (and expert) a variant's error enters.
     With ``key`` (what produced the videos, e.g. a hash of model files and settings), videos
     finished by an interrupted call with the same key are kept.
     """
-    settings.check_for(model.pipe)
-    pipe = assemble(model, variant, root, settings)
-    folder = video_dir(root, variant.name)
-    done = _finished(folder, key)
-    records: list[VideoRecord] = []
-    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
-    with ModuleClock(pipe) as clock, PeakRSS() as rss:
-        for index, prompt, seed in progress(jobs, f"generate {variant.name}", "video", show_progress):
-            if (prompt, seed) in done:
-                records.append(done[(prompt, seed)])
-                continue
-            _generate_one(model, variant, settings, folder, records, key, pipe, clock, index, prompt, seed, fps,
-                          save_latents)
-    onnx_bytes = {m: onnx_size_bytes(onnx_path(root, r, m)) for m, r in variant.onnx_modules.items()}
-    cost = {"peak_rss_bytes": rss.peak_bytes, "peak_rss_reset": rss.reset,
-            "model_bytes": model_bytes(pipe, onnx_bytes), "videos_timed": sum(1 for r in records if r.seconds)}
-    atomic_write_json(folder / "manifest.json", _manifest(model, variant, settings, records, key, cost))
-    return records
-
-
-def _generate_one(model, variant, settings, folder, records, key, pipe, clock, index, prompt, seed, fps, save_latents):
-    """One video: generated, timed (wall and per module), written, and listed in the manifest."""
-    before = nonfinite_counts(pipe)
-    spent = clock.snapshot()
-    start = time.perf_counter()
-    video = generate_video(pipe, prompt, seed, settings, trajectory=save_latents, noise_ulps=variant.noise_ulps)
-    seconds = time.perf_counter() - start
-    after = nonfinite_counts(pipe)
-    name = f"{prompt_id(index)}_s{seed}"
-    path = folder / f"{name}.npz"
-    if video.trajectory is not None:
-        save_trajectory(folder / LATENTS_DIR / f"{name}.npz", video.trajectory)
-    save_npz(path, video.frames, prompt=prompt, seed=seed, variant=variant.name, nonfinite=video.nonfinite)
-    save_webp(folder / f"{name}.webp", video.frames, fps=fps)
-    records.append(VideoRecord(path.name, prompt_id(index), prompt, seed, int(video.frames.shape[0]),
-                               video.nonfinite, hashlib.sha256(video.frames.tobytes()).hexdigest(),
-                               {m: after[m] - before[m] for m in after if after[m] - before[m]},
-                               round(seconds, 6),
-                               {m: round(t - spent.get(m, 0.0), 6) for m, t in clock.seconds.items()}))
-    atomic_write_json(folder / "manifest.json", _manifest(model, variant, settings, records, key))
+    job = VariantVideos(model, variant, prompts, seeds, settings, root, fps, save_latents, key)
+    LocalExecutor(model, root).run(job.tasks(), f"generate {variant.name}", job.collect, show_progress)
+    job.finish()
+    return job.ordered()
 
 
 WARMUP_VIDEOS = 1  # with at least 3 timed videos, the first is warm-up (ORT arenas, torch allocator) and not counted

@@ -11,6 +11,12 @@ after the outputs are complete. A stage killed half-way is therefore redone by t
 whatever configuration that run has (the failure mode it fixes: run A, start B, kill it, rerun
 A: A's key still matched while B's half-written files sat in its place).
 
+A stage whose work is split into tasks (``quant.stages.executor``: videos, scores,
+quantizations) gives ``tasks`` and ``collect``; ``run_batch`` sends the tasks of many stages to
+one executor at once, hands each result to its stage's ``collect`` as it arrives, and finishes
+a stage (``work``, then its ledger entry) as soon as its last task is in, so a batch that fails
+or is interrupted keeps every stage it completed.
+
 Example::
 
     runner = StageRunner(Ledger(work))
@@ -43,6 +49,8 @@ class Stage:
     outputs: tuple[Path, ...] = ()
     files: tuple[Path, ...] = ()
     sources: tuple[str, ...] = ()
+    tasks: Callable[[], list] | None = None  # the stage's tasks (run_batch); ``work`` then finishes it
+    collect: Callable[[object], None] | None = None  # each TaskResult, as it arrives
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class StageRun:
     key: str
     seconds: float
     reused: bool
+    where: str = "local"  # where its work ran: "local", or Ray nodes with task counts
 
 
 @lru_cache(maxsize=None)
@@ -78,10 +87,18 @@ class StageRunner:
         files = {str(p): file_hash(p) for p in stage.files}
         return stage_key({**stage.inputs, "sources": source_hash(tuple(stage.sources)), "files": files})
 
+    def _reusable(self, stage: Stage, key: str) -> bool:
+        return not self.fresh and self.ledger.done(stage.name, key) and all(Path(p).exists() for p in stage.outputs)
+
+    def _report(self, result: StageRun) -> StageRun:
+        if self.done is not None:
+            self.done(result)
+        return result
+
     def run(self, stage: Stage) -> StageRun:
         key = self.key(stage)
         self.keys[stage.name] = key
-        if not self.fresh and self.ledger.done(stage.name, key) and all(Path(p).exists() for p in stage.outputs):
+        if self._reusable(stage, key):
             result = StageRun(stage.name, key, 0.0, True)
         else:
             self.ledger.invalidate(stage.name)  # before any output is touched
@@ -90,6 +107,53 @@ class StageRunner:
             seconds = time.perf_counter() - start
             self.ledger.record(stage.name, key, seconds)  # after every output is complete
             result = StageRun(stage.name, key, seconds, False)
-        if self.done is not None:
-            self.done(result)
-        return result
+        return self._report(result)
+
+    def run_batch(self, stages: list[Stage], executor, label: str, show_progress: bool = True) -> list[StageRun]:
+        """Run ``stages`` (each with ``tasks``) with their tasks on ``executor`` together (see the
+        module doc); stages whose key matches are reused without planning any task.
+
+        Raises:
+            quant.errors.TaskFailed: tasks failed on every attempt (completed stages are recorded).
+        """
+        from quant.stages.executor import summarize_where
+
+        runs: dict[str, StageRun] = {}
+        open_: dict[str, dict] = {}
+        owner: dict[int, str] = {}
+        for stage in stages:
+            key = self.key(stage)
+            self.keys[stage.name] = key
+            if self._reusable(stage, key):
+                runs[stage.name] = self._report(StageRun(stage.name, key, 0.0, True))
+                continue
+            self.ledger.invalidate(stage.name)  # before any output is touched
+            tasks = stage.tasks()
+            open_[stage.name] = {"stage": stage, "key": key, "tasks": tasks, "left": len(tasks), "seconds": 0.0,
+                                 "where": []}
+            for task in tasks:
+                owner[id(task)] = stage.name
+
+        def finish(name: str) -> None:
+            entry = open_.pop(name)
+            start = time.perf_counter()
+            entry["stage"].work()
+            seconds = entry["seconds"] + time.perf_counter() - start
+            self.ledger.record(name, entry["key"], seconds)  # after every output is complete
+            runs[name] = self._report(StageRun(name, entry["key"], seconds, False, summarize_where(entry["where"])))
+
+        def collect(result) -> None:
+            name = owner[id(result.task)]
+            entry = open_[name]
+            entry["stage"].collect(result)
+            entry["seconds"] += result.seconds
+            entry["where"].append(result.where)
+            entry["left"] -= 1
+            if entry["left"] == 0:
+                finish(name)
+
+        planned = [t for e in open_.values() for t in e["tasks"]]
+        for name in [n for n, e in open_.items() if e["left"] == 0]:  # nothing left to do: finish now
+            finish(name)
+        executor.run(planned, label, collect, show_progress)
+        return [runs[s.name] for s in stages if s.name in runs]

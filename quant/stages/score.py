@@ -24,6 +24,8 @@ from quant.support.progress import progress
 from metrics.adherence import adherence_row, prompt_tags, summarize_adherence
 from metrics.scores import latent_rows, metric_parameters, score_video, summarize
 from quant.errors import UserError
+from quant.stages.executor import TaskContext
+from quant.stages.workspace import Workspace
 from quant.support.files import atomic_path, atomic_write_json
 from quant.pipeline.prompts import prompt_id, read_prompt_entries
 from quant.pipeline.video_io import LATENTS_DIR, VIDEO_SUFFIXES, load_trajectory, read_video
@@ -197,3 +199,22 @@ def write_tables(tables: ScoreTables, out: Path) -> dict[str, Path]:
         _write_csv(tables.latents, paths["latents"])
     atomic_write_json(paths["metrics"], json.loads(json.dumps(metric_parameters())))
     return {k: p for k, p in paths.items() if k != "latents" or len(tables.latents)}
+
+
+def score_task(context: TaskContext, variant: str, prompts: PromptSet | None = None) -> dict:
+    """One variant's tables (a task, ``quant.stages.executor``): ``videos/<variant>`` against
+    ``videos/torch`` under ``context.root``, written to ``scores/<variant>/``."""
+    root = context.root
+    tables = score_folders(Workspace.videos(root, "torch"), Workspace.videos(root, variant), variant=variant,
+                           show_progress=False, prompts=prompts)
+    write_tables(tables, Workspace.scores(root, variant))
+    return {}
+
+
+def score_inputs(variant: str) -> tuple[str, ...]:
+    """What ``score_task`` reads, relative to the root."""
+    return tuple(str(Workspace.videos(Path(), v)) for v in ("torch", variant))
+
+
+def score_outputs(variant: str) -> tuple[str, ...]:
+    return (str(Workspace.scores(Path(), variant).parent),)
