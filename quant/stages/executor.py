@@ -170,8 +170,8 @@ def _worker(spec: WorkerSpec):
     set_threads(spec.threads)
     target = current_target()
     if target.id != spec.target:
-        raise TaskRefused(f"node {node} is target {target.id} ({target.describe()}), the audit's target is {spec.target}: "
-                          "one verdict is for one execution target; run the cluster on identical machines")
+        raise TaskRefused(f"node {node} is target {target.id}, the audit's is {spec.target}: one verdict is for one "
+                          "execution target (same CPU kind, threads and ONNX Runtime on every node)")
     mine = versions()
     differ = sorted(k for k in set(mine) | set(spec.versions) if mine.get(k) != spec.versions.get(k))
     if differ:

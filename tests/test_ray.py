@@ -1,0 +1,189 @@
+"""The audit on a real local Ray cluster (three raylets on this machine, started here): the same
+numbers and video hashes as the local executor, a worker killed mid-task changes nothing, a
+task that keeps failing is named, and a worker of another target is refused."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from quant.errors import TaskFailed  # noqa: E402
+from quant.stages.executor import RayExecutor, Task  # noqa: E402
+from quant.support.target import current_target  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+COST = ("seconds", "rss", "model_mb", "speedup", "videos_timed", "warmup")
+CONFIG = """
+model = "wan2.2-t2v-tiny"
+[generation]
+height = 32
+width = 32
+num_frames = 5
+[prompts]
+eval = "{prompts}"
+seeds = [0, 1]
+[calibration]
+samples_per_module = 4
+[quantize]
+recipes = ["int8-dynamic"]
+[runtime]
+threads = 1
+[variants]
+run = ["onnx", "int8-dynamic"]
+attribution = false
+floor = false
+[gates.default]
+psnr_mean = ">= 10"
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and two worker raylets, one CPU each, on this machine."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+
+
+def _cli(config: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "quant.cli", "run", "--config", str(config), "--out", str(out), *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _outcome(out: Path) -> tuple[dict, dict]:
+    """(results.json, {(variant, video file): frames SHA-256}) of the newest run in ``out``."""
+    results = json.loads(max(out.glob("2*/results.json")).read_text())
+    work = next((out / "work").iterdir())
+    hashes = {(m.parent.name, v["file"]): v["frames_sha256"]
+              for m in (work / "videos").glob("*/manifest.json") for v in json.loads(m.read_text())["videos"]}
+    return results, hashes
+
+
+def _quality(results: dict) -> dict:
+    """Every variant's metrics except what it cost (timings differ between any two runs)."""
+    return {v["name"]: {k: x for k, x in v["metrics"].items() if not any(c in k for c in COST)} | {"passed": v["passed"]}
+            for v in results["variants"]}
+
+
+def _keep_export_only(src: Path, dst: Path) -> None:
+    """A copy of ``src`` with only the export and calibration: the next run quantizes, generates
+    and scores again (on the cluster), with exactly the same FP32 models."""
+    work_src = next((src / "work").iterdir())
+    work = dst / "work" / work_src.name
+    shutil.copytree(work_src / "onnx" / "fp32", work / "onnx" / "fp32")
+    shutil.copytree(work_src / "calibration", work / "calibration")
+    shutil.copy2(work_src / "parity.json", work / "parity.json")
+    ledger = json.loads((work_src / "stages.json").read_text())
+    ledger["stages"] = {k: v for k, v in ledger["stages"].items() if k.startswith("export:")}
+    (work / "stages.json").write_text(json.dumps(ledger))
+
+
+def _kill_one_task(stop: threading.Event, killed: list) -> None:
+    """SIGKILL the first Ray worker seen running a task (its title is ``ray::_run_remote``)."""
+    while not stop.is_set() and not killed:
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if cmdline.startswith("ray::_run_remote"):
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                except psutil.Error:
+                    continue
+                return
+        time.sleep(0.05)
+
+
+def test_ray_run_equals_local_run_even_with_a_worker_killed(cluster, tmp_path):
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a red circle moving left\na cup of coffee on a wooden table\n", encoding="utf-8")
+    config = tmp_path / "audit.toml"
+    config.write_text(CONFIG.format(prompts=prompts.as_posix()), encoding="utf-8")
+    local_out, ray_out = tmp_path / "local", tmp_path / "ray"
+    local = _cli(config, local_out)
+    _, err = local.communicate(timeout=900)
+    assert local.returncode == 0, err[-3000:]
+    _keep_export_only(local_out, ray_out)
+
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_one_task, args=(stop, killed), daemon=True)
+    killer.start()
+    remote = _cli(config, ray_out, "--ray-address", cluster.address)
+    try:
+        _, err = remote.communicate(timeout=900)
+    finally:
+        stop.set()
+        killer.join()
+    assert remote.returncode == 0, err[-3000:]
+    assert killed, "no task was running to kill"
+
+    (a, videos_a), (b, videos_b) = _outcome(local_out), _outcome(ray_out)
+    assert len(videos_a) == 3 * 2 * 2 and videos_a == videos_b  # (torch, onnx, int8-dynamic) x prompts x seeds
+    assert _quality(a) == _quality(b) and a["verdict"] == b["verdict"]
+    assert a["target"]["id"] == b["target"]["id"]
+    assert b["executor"] == "ray" and b["config"]["runtime"]["executor"] == "ray"
+    stages = {s["name"]: s for s in b["stages"]}
+    ran = [s for n, s in stages.items() if n.startswith(("quantize:", "generate:", "score:"))]
+    assert ran and all(not s["reused"] for s in ran)
+    nodes = {part.split(" x")[0] for s in ran for part in s["where"].split(", ")}
+    assert len(nodes) >= 2, nodes  # the tasks spread over the raylets
+    assert all(s["where"] == "local" for n, s in stages.items() if n.startswith("export:"))
+    report = (max(ray_out.glob("2*/report.html"))).read_text(encoding="utf-8")
+    assert stages["generate:onnx"]["where"].split(" x")[0] in report
+
+
+def _fails(context, name: str):
+    raise ValueError(f"cannot make video {name}")
+
+
+def _node(context) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+@pytest.fixture()
+def connected(cluster):
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_a_task_that_keeps_failing_is_named(connected, t2v, tmp_path):
+    target = current_target()
+    executor = RayExecutor(t2v, tmp_path, target, target.threads, None, ("quant.stages.executor",))
+    results = []
+    tasks = [Task("generate:int8:p00_s0", _fails, {"name": "p00_s0"}), Task("score:int8", _node, {})]
+    with pytest.raises(TaskFailed) as failed:
+        executor.run(tasks, "test", results.append, show_progress=False)
+    message = str(failed.value)
+    assert "generate:int8:p00_s0" in message and "cannot make video p00_s0" in message
+    assert "score:int8" not in message and [r.task.name for r in results] == ["score:int8"]  # the other task landed
+
+
+def test_a_worker_of_another_target_is_refused(connected, t2v, tmp_path):
+    target = current_target()
+    other = replace(target, threads=target.threads + 7)
+    executor = RayExecutor(t2v, tmp_path, other, target.threads, None, ("quant.stages.executor",))
+    with pytest.raises(TaskFailed, match="one verdict is for one execution target"):
+        executor.run([Task("score:int8", _node, {})], "test", lambda r: None, show_progress=False)
