@@ -20,7 +20,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from quant.errors import TaskFailed  # noqa: E402
+from quant.errors import TaskFailed, UserError  # noqa: E402
 from quant.stages.executor import RayExecutor, Task  # noqa: E402
 from quant.support.target import current_target  # noqa: E402
 
@@ -151,6 +151,16 @@ def test_ray_run_equals_local_run_even_with_a_worker_killed(cluster, tmp_path):
     assert stages["generate:onnx"]["where"].split(" x")[0] in report
 
 
+def _one_thread():
+    """This machine's target as a worker of the one-CPU raylets sees it (threads = 1)."""
+    return replace(current_target(), threads=1, torch_threads=1)
+
+
+def test_a_cluster_without_room_for_the_threads_is_refused(connected, t2v, tmp_path):
+    with pytest.raises(UserError, match="a task runs 4 threads, but no node of the Ray cluster has more than 1 CPUs"):
+        RayExecutor(t2v, tmp_path, replace(_one_thread(), threads=4), 4, None, ("quant.stages.executor",))
+
+
 def _fails(context, name: str):
     raise ValueError(f"cannot make video {name}")
 
@@ -170,8 +180,7 @@ def connected(cluster):
 
 
 def test_a_task_that_keeps_failing_is_named(connected, t2v, tmp_path):
-    target = current_target()
-    executor = RayExecutor(t2v, tmp_path, target, target.threads, None, ("quant.stages.executor",))
+    executor = RayExecutor(t2v, tmp_path, _one_thread(), 1, None, ("quant.stages.executor",))
     results = []
     tasks = [Task("generate:int8:p00_s0", _fails, {"name": "p00_s0"}), Task("score:int8", _node, {})]
     with pytest.raises(TaskFailed) as failed:
@@ -182,8 +191,7 @@ def test_a_task_that_keeps_failing_is_named(connected, t2v, tmp_path):
 
 
 def test_a_worker_of_another_target_is_refused(connected, t2v, tmp_path):
-    target = current_target()
-    other = replace(target, threads=target.threads + 7)
-    executor = RayExecutor(t2v, tmp_path, other, target.threads, None, ("quant.stages.executor",))
+    other = replace(_one_thread(), torch="0.0")  # the workers' torch is not "0.0": another target
+    executor = RayExecutor(t2v, tmp_path, other, 1, None, ("quant.stages.executor",))
     with pytest.raises(TaskFailed, match="one verdict is for one execution target"):
         executor.run([Task("score:int8", _node, {})], "test", lambda r: None, show_progress=False)

@@ -680,6 +680,26 @@ def _publish(audit: Audit, tables: dict[str, pd.DataFrame], baseline: str | None
     return results, checked
 
 
+def check_device(config: AuditConfig) -> None:
+    """``[runtime] device = "cuda"`` needs a CUDA device visible to torch; even then this version
+    runs the audit on the CPU only, so it says so instead of running on the CPU under a CUDA label.
+
+    Raises:
+        UserError: naming the key and what is missing.
+    """
+    if config.device != "cuda":
+        return
+    import torch
+
+    where = f"{config.source}: runtime.device = \"cuda\""
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UserError(f"{where}: no CUDA device is visible to torch {torch.__version__} ({build}); "
+                        "use device = \"cpu\"")
+    raise UserError(f"{where}: {torch.cuda.get_device_name(0)} is visible, but this version audits on the CPU only "
+                    "(the CUDA path is not built yet); use device = \"cpu\"")
+
+
 def check_inputs(config: AuditConfig, model: LoadedModel, out: Path) -> None:
     """Every user input, checked before any work (exit 2 within seconds, not after the videos):
     settings against the model, prompt files, the variant set and every variant on this model,
@@ -690,6 +710,11 @@ def check_inputs(config: AuditConfig, model: LoadedModel, out: Path) -> None:
     """
     from reports import history
 
+    check_device(config)
+    if config.executor == "ray":
+        from quant.stages.executor import check_reachable
+
+        check_reachable(config.ray_address)
     config.settings.check_for(model.pipe)
     check_modules_called(model.pipe, config.settings)
     read_prompts(config.eval_prompts)
@@ -749,6 +774,7 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
     with locked_work(out, model.fingerprint):
         audit, started = _open_run(config, model, out, config_key, fresh, show_progress, target)
         try:
+            audit.executor  # a Ray cluster is connected (or refused, exit 2) before any work
             audit.export()
             audit.calibrate()
             audit.quantize()

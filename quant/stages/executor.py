@@ -236,6 +236,7 @@ class RayExecutor:
 
         self.ray, self.model, self.work = ray, model, Path(work)
         if not ray.is_initialized():
+            check_reachable(address)
             try:
                 ray.init(address=address, logging_level="WARNING", log_to_driver=False, configure_logging=True)
             except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -245,7 +246,12 @@ class RayExecutor:
         else:
             self._owns = False
         self._refs: dict[str, object] = {}  # sha256 -> ObjectRef: each content put once
-        self._remote = ray.remote(max_retries=RETRIES, retry_exceptions=False, num_cpus=1)(_run_remote)
+        # a task uses the target's threads, so it reserves as many CPUs (and must fit on some node)
+        cpus = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if cpus < target.threads:
+            raise UserError(f"runtime.threads: a task runs {target.threads} threads, but no node of the Ray cluster has more "
+                            f"than {cpus:g} CPUs; set [runtime] threads to at most {int(cpus)} or add larger nodes")
+        self._remote = ray.remote(max_retries=RETRIES, retry_exceptions=False, num_cpus=target.threads)(_run_remote)
         model_files = {}
         if model.source != "builtin":
             folder = Path(model.source)
@@ -304,6 +310,27 @@ class RayExecutor:
     def close(self) -> None:
         if self._owns and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """A ``host:port`` or ``ray://host:port`` that nothing listens on is refused at once (Ray itself
+    waits minutes for it).
+
+    Raises:
+        UserError: naming the address.
+    """
+    import socket
+
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"runtime.ray_address: expected auto, ray://HOST:PORT or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"runtime.ray_address: no Ray cluster answers at {address} ({exc.strerror or exc})") from None
 
 
 def _ray_reason(exc: Exception) -> str:
