@@ -32,6 +32,7 @@ model = "wan2.2-t2v-tiny"
 height = 32
 width = 32
 num_frames = 5
+num_inference_steps = 4
 [prompts]
 eval = "{prompts}"
 seeds = [0, 1]

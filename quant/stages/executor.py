@@ -27,7 +27,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 import time
@@ -147,12 +146,9 @@ def _blob(sha: str, ref) -> Path:
 
 
 def _place(sha: str, ref, dst: Path) -> None:
+    """A copy, not a link: a task that rewrote an input in place must not change the cached blob."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    src = _blob(sha, ref)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+    shutil.copyfile(_blob(sha, ref), dst)
 
 
 def _worker(spec: WorkerSpec):
