@@ -281,6 +281,49 @@ def test_inc_int8_graphs_are_qdq_and_leave_the_model_untouched(request, which):
         assert census["quantize_linear"] > 0 and sum(c["int8"] for c in census["compute_ops"].values()) > 0, module
     report = quant.reports["inc-int8"]["modules"]["transformer"]
     assert report["sqnr_min_db"] is not None and report["sqnr_min_db"] > 10
+    graph = onnx.load(str(quant.root / "onnx" / "inc-int8" / "transformer.onnx")).graph
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert not [n.name for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in floats]  # weights folded
+    assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2 for t in graph.initializer)
+
+
+def test_folding_inc_weight_chains_keeps_every_output_value(tmp_path):
+    """PT2E's export pattern (FP32 weight -> QuantizeLinear -> Clip -> DequantizeLinear -> Transpose ->
+    MatMul, a zero point behind a Cast) becomes an int8 weight -> DequantizeLinear -> MatMul with
+    the same outputs, bit for bit, and a quarter of the weight bytes."""
+    import onnxruntime as ort
+
+    from quant.recipes.inc import fold_weight_chains
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(6, 4)).astype(np.float32)  # (out, in), as torch stores it
+    scale = (np.abs(weight).max(axis=1) / 127).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scale, "s"),
+             numpy_helper.from_array(np.zeros(6, np.int64), "zp64"),
+             numpy_helper.from_array(np.int8(-127), "lo"), numpy_helper.from_array(np.int8(127), "hi")]
+    nodes = [helper.make_node("Cast", ["zp64"], ["zp"], to=TensorProto.INT8),
+             helper.make_node("QuantizeLinear", ["w", "s", "zp"], ["wq"], axis=0),
+             helper.make_node("Clip", ["wq", "lo", "hi"], ["wc"]),
+             helper.make_node("DequantizeLinear", ["wc", "s", "zp"], ["wd"], axis=0),
+             helper.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    x = {"x": rng.normal(size=(3, 4)).astype(np.float32) * 3}
+
+    def run(m):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, x)[0]
+
+    before = run(model)
+    assert fold_weight_chains(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Cast", "DequantizeLinear", "MatMul"]
+    folded = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert "w" not in folded and folded["w_int8"].dtype == np.int8 and folded["w_int8"].shape == (4, 6)
+    assert np.array_equal(run(model), before)
 
 
 def test_quantizing_one_module_keeps_the_others(t2v, quant_root):

@@ -11,6 +11,8 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from quant.errors import UserError
 from quant.recipes.export import export_program, save_atomically
 from quant.recipes.quantize import QuantizeJob, QuantizeResult, register
@@ -73,7 +75,115 @@ def _inc_int8(job: QuantizeJob) -> QuantizeResult:
             prepared(*as_args(sample))
         quantized = convert(prepared)
     program = export_program(quantized, example, job.input_names, job.output_names, 18, dynamic=False)
-    save_atomically(lambda p: program.save(p, external_data=None), job.dst)
+    model = program.model_proto
+    folded = fold_weight_chains(model)
+    save_atomically(lambda p: _save(model, p), job.dst)
     result = QuantizeResult("inc-int8", job.dst)
+    if folded:
+        result.notes.append(f"{folded} weight(s) stored as int8: the exported QuantizeLinear -> Clip -> DequantizeLinear "
+                            "(-> Transpose) chains on FP32 weights folded, so ONNX Runtime can fuse integer kernels")
     result.notes.append("batch axis is static (1, as the pipeline calls each module): the PT2E graph is exported as captured")
     return result
+
+
+def _save(model, path) -> None:
+    import onnx
+
+    large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: weights go to a data file
+    onnx.save_model(model, str(path), save_as_external_data=large, location=f"{Path(path).name}.data")
+
+
+def fold_weight_chains(model) -> int:
+    """Rewrite, in ``model`` (an ``onnx.ModelProto``), every ``W -> QuantizeLinear -> [Clip] ->
+    DequantizeLinear [-> Transpose]`` whose ``W``, scales, zero points and clip bounds are constants
+    into ``W_int8 -> DequantizeLinear`` with ``W_int8`` computed once here (``Transpose`` folded into
+    it, the per-channel axis moved with it). PT2E's export re-quantizes FP32 weights on every call,
+    and the Clip and Transpose between DequantizeLinear and MatMul keep ONNX Runtime from fusing
+    integer kernels. The dequantized values are the ones the chain computed (ONNX rounding: half to
+    even, then saturation and the clip). Returns how many weights were folded."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def const(name):
+        """An initializer's value, or a Cast of one (how the exporter writes some zero points)."""
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producer.get(name)
+        if node is not None and node.op_type == "Cast" and node.input[0] in inits:
+            return numpy_helper.to_array(inits[node.input[0]]).astype(helper.tensor_dtype_to_np_dtype(attr(node, "to", 1)))
+        return None
+
+    def only_feeds(name, node) -> bool:
+        return name not in outputs and [id(n) for n in consumers.get(name, [])] == [id(node)]
+
+    def attr(node, key, default):
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
+
+    removed, folded, reshaped = set(), 0, set()
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        src = producer.get(dq.input[0])
+        clip = None
+        if src is not None and src.op_type == "Clip":
+            clip, src = src, producer.get(src.input[0])
+        if src is None or src.op_type != "QuantizeLinear" or len(src.input) < 3:
+            continue
+        weight, scale, zero = (const(x) for x in src.input[:3])
+        bounds = [const(x) for x in clip.input[1:3]] if clip is not None else []
+        if weight is None or scale is None or zero is None or any(b is None for b in bounds) or weight.dtype != np.float32:
+            continue
+        if not only_feeds(src.output[0], clip or dq) or (clip is not None and not only_feeds(clip.output[0], dq)):
+            continue
+        axis = attr(src, "axis", 1) % weight.ndim
+        shape = [1] * weight.ndim
+        if scale.ndim == 1:
+            shape[axis] = -1
+        info = np.iinfo(zero.dtype)
+        q = np.rint(weight / scale.reshape(shape)) + zero.reshape(shape).astype(np.float32)
+        q = np.clip(q, info.min, info.max)
+        if bounds:
+            q = np.clip(q, bounds[0], bounds[1])
+        q = q.astype(zero.dtype)
+        dq_axis = attr(dq, "axis", 1) % weight.ndim
+        users = consumers.get(dq.output[0], [])
+        transpose = users[0] if len(users) == 1 and users[0].op_type == "Transpose" and dq.output[0] not in outputs else None
+        if transpose is not None:
+            perm = list(attr(transpose, "perm", list(range(q.ndim))[::-1]))
+            q, dq_axis = np.ascontiguousarray(q.transpose(perm)), perm.index(dq_axis)
+        reshaped.add(dq.output[0])
+        name = f"{src.input[0]}_int8"
+        graph.initializer.append(numpy_helper.from_array(q, name))
+        dq.input[0] = name
+        for a in dq.attribute:
+            if a.name == "axis":
+                a.i = dq_axis
+        removed.update(id(n) for n in (src, clip) if n is not None)
+        if transpose is not None:
+            for node in consumers.get(transpose.output[0], []):
+                for i, x in enumerate(node.input):
+                    if x == transpose.output[0]:
+                        node.input[i] = dq.output[0]
+            if transpose.output[0] in outputs:
+                continue
+            removed.add(id(transpose))
+        folded += 1
+    for info in [v for v in graph.value_info if v.name in reshaped]:  # a folded Transpose changed their shape
+        graph.value_info.remove(info)
+    dropped = [n for n in graph.node if id(n) in removed]
+    kept = [n for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    # the FP32 weights, scales and bounds only the removed nodes read (subgraphs never read these)
+    used = {x for n in graph.node for x in n.input} | outputs
+    orphans = {x for n in dropped for x in n.input if x in inits and x not in used}
+    for t in [t for t in graph.initializer if t.name in orphans]:
+        graph.initializer.remove(t)
+    return folded
