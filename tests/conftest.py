@@ -57,3 +57,21 @@ def ti2v_export(ti2v, tmp_path_factory) -> Exported:
     root = tmp_path_factory.mktemp("ti2v-run")
     report = export_pipeline(ti2v, SMALL, root, PROMPTS, options=ExportOptions(simplify=True), show_progress=False)
     return Exported(ti2v, root, report)
+
+
+def copy_work(src_out: Path, dst_out: Path, stages: tuple[str, ...], folders: tuple[str, ...]) -> None:
+    """Copy an audit's ``--out`` keeping only the work folders ``folders`` (``onnx``, ``calibration``,
+    files such as ``parity.json``) and the ledger entries whose names start with ``stages``: the
+    next run there reuses that work and does the rest again."""
+    import json
+    import shutil
+
+    work_src = next((Path(src_out) / "work").iterdir())
+    work = Path(dst_out) / "work" / work_src.name
+    work.mkdir(parents=True)
+    for name in folders:
+        path = work_src / name
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, work / name)
+    ledger = json.loads((work_src / "stages.json").read_text())
+    ledger["stages"] = {k: v for k, v in ledger["stages"].items() if k.startswith(stages)}
+    (work / "stages.json").write_text(json.dumps(ledger))

@@ -5,13 +5,12 @@ task that keeps failing is named, and a worker of another target is refused."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -20,6 +19,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from conftest import copy_work  # noqa: E402
 from quant.errors import TaskFailed, UserError  # noqa: E402
 from quant.stages.executor import RayExecutor, Task  # noqa: E402
 from quant.support.target import current_target  # noqa: E402
@@ -86,19 +86,6 @@ def _quality(results: dict) -> dict:
             for v in results["variants"]}
 
 
-def _keep_export_only(src: Path, dst: Path) -> None:
-    """A copy of ``src`` with only the export and calibration: the next run quantizes, generates
-    and scores again (on the cluster), with exactly the same FP32 models."""
-    work_src = next((src / "work").iterdir())
-    work = dst / "work" / work_src.name
-    shutil.copytree(work_src / "onnx" / "fp32", work / "onnx" / "fp32")
-    shutil.copytree(work_src / "calibration", work / "calibration")
-    shutil.copy2(work_src / "parity.json", work / "parity.json")
-    ledger = json.loads((work_src / "stages.json").read_text())
-    ledger["stages"] = {k: v for k, v in ledger["stages"].items() if k.startswith("export:")}
-    (work / "stages.json").write_text(json.dumps(ledger))
-
-
 def _kill_one_task(stop: threading.Event, killed: list) -> None:
     """SIGKILL the first Ray worker seen running a task (its title is ``ray::_run_remote``)."""
     while not stop.is_set() and not killed:
@@ -123,7 +110,7 @@ def test_ray_run_equals_local_run_even_with_a_worker_killed(cluster, tmp_path):
     local = _cli(config, local_out)
     _, err = local.communicate(timeout=900)
     assert local.returncode == 0, err[-3000:]
-    _keep_export_only(local_out, ray_out)
+    copy_work(local_out, ray_out, ("export:",), ("onnx/fp32", "calibration", "parity.json"))  # the cluster does the rest
 
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_one_task, args=(stop, killed), daemon=True)

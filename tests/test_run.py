@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import copy_work
 from quant.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -352,6 +353,8 @@ def _files(work: Path) -> dict[str, tuple[int, int]]:
 def test_kill_mid_generation_then_resume_recomputes_nothing_finished(audited, folder):
     out = folder / "killed"
     config = write_config(folder)
+    # the models come from the uninterrupted audit (reused by key), so this run starts at generate
+    copy_work(folder / "runs", out, ("export:", "quantize:", "emulate:"), ("onnx", "calibration", "quantization", "parity.json"))
     proc = subprocess.Popen(_command(config, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 900
