@@ -289,8 +289,8 @@ def test_inc_int8_graphs_are_qdq_and_leave_the_model_untouched(request, which):
 
 def test_folding_inc_weight_chains_keeps_every_output_value(tmp_path):
     """PT2E's export pattern (FP32 weight -> QuantizeLinear -> Clip -> DequantizeLinear -> Transpose ->
-    MatMul, a zero point behind a Cast) becomes an int8 weight -> DequantizeLinear -> MatMul with
-    the same outputs, bit for bit, and a quarter of the weight bytes."""
+    MatMul, a zero point behind a Cast) becomes an int8 weight -> DequantizeLinear -> Transpose ->
+    MatMul with the same outputs, bit for bit, and a quarter of the weight bytes."""
     import onnxruntime as ort
 
     from quant.recipes.inc import fold_weight_chains
@@ -320,9 +320,9 @@ def test_folding_inc_weight_chains_keeps_every_output_value(tmp_path):
     before = run(model)
     assert fold_weight_chains(model) == 1
     onnx.checker.check_model(model)
-    assert [n.op_type for n in model.graph.node] == ["Cast", "DequantizeLinear", "MatMul"]
+    assert [n.op_type for n in model.graph.node] == ["Cast", "DequantizeLinear", "Transpose", "MatMul"]
     folded = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert "w" not in folded and folded["w_int8"].dtype == np.int8 and folded["w_int8"].shape == (4, 6)
+    assert "w" not in folded and folded["w_int8"].dtype == np.int8 and folded["w_int8"].shape == (6, 4)
     assert np.array_equal(run(model), before)
 
 
