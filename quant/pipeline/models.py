@@ -94,11 +94,11 @@ def _text_encoder(vocab_size: int, d_model: int = _TEXT_DIM, d_ff: int = 64, lay
 
 
 def _transformer(channels: int, heads: int = 2, head_dim: int = 12, ffn_dim: int = 32, layers: int = 2,
-                 text_dim: int = _TEXT_DIM):
+                 text_dim: int = _TEXT_DIM, patch: int = 2):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
+        patch_size=(1, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
         out_channels=channels, text_dim=text_dim, freq_dim=256, ffn_dim=ffn_dim, num_layers=layers,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     )
@@ -171,7 +171,10 @@ def build_t2v_shapes_untrained(seed: int = 0):
     """The architecture of ``wan2.2-t2v-shapes`` with seeded, untrained weights (training starts here).
 
     Two experts (boundary 0.875) of 4 blocks at width 64, a 2-layer UMT5 encoder of width 64, the
-    Wan 2.1 VAE at base width 16; 64x64x17 videos are 16x5x8x8 latents, 80 tokens.
+    Wan 2.1 VAE at base width 16 with three stages (4x spatial, 4x temporal compression); 64x64x17
+    videos are 16x5x16x16 latents, patches of 4x4: 80 tokens. With the usual four stages (8x8
+    latents) the decoder learnt colour but rounded shapes off (frame-0 shapes 40-73% right after
+    600 steps); with three, 100% shapes and colours after 600 steps (README, Prompt adherence).
     """
     from diffusers import AutoencoderKLWan, WanPipeline
 
@@ -180,14 +183,14 @@ def build_t2v_shapes_untrained(seed: int = 0):
         tokenizer=tokenizer,
         text_encoder=_seeded(seed + 1, lambda: _text_encoder(len(tokenizer), d_model=SHAPES_TEXT_DIM, d_ff=128)),
         vae=_seeded(seed + 2, lambda: AutoencoderKLWan(
-            base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-            latents_mean=[0.0] * 16, latents_std=[1.0] * 16,
+            base_dim=16, z_dim=16, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
+            latents_mean=[0.0] * 16, latents_std=[1.0] * 16, scale_factor_spatial=4,
         )),
         scheduler=_scheduler(flow_shift=3.0),
         transformer=_seeded(seed + 3, lambda: _transformer(16, heads=4, head_dim=16, ffn_dim=128, layers=4,
-                                                           text_dim=SHAPES_TEXT_DIM)),
+                                                           text_dim=SHAPES_TEXT_DIM, patch=4)),
         transformer_2=_seeded(seed + 4, lambda: _transformer(16, heads=4, head_dim=16, ffn_dim=128, layers=4,
-                                                             text_dim=SHAPES_TEXT_DIM)),
+                                                             text_dim=SHAPES_TEXT_DIM, patch=4)),
         boundary_ratio=0.875,
     )
 

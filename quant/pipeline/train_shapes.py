@@ -257,12 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=SHAPES_WEIGHTS, help="checkpoint folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-frame-steps", type=int, default=0,
-                        help="single-frame VAE pretraining steps first (a probe: 92%% colour after 600)")
+    parser.add_argument("--vae-frame-steps", type=int, default=600,
+                        help="single-frame VAE pretraining steps first (a probe: frame-0 shapes and colours 100%% after 600)")
     parser.add_argument("--vae-frame-batch", type=int, default=16)
-    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=300)
     parser.add_argument("--vae-batch", type=int, default=4)
-    parser.add_argument("--vae-lr", type=float, default=3e-3, help="peak learning rate of the 9-frame VAE phase")
+    parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the 9-frame VAE phase")
     parser.add_argument("--edge-weight", type=float, default=0.0,
                         help="VAE loss: + this x L1 of image gradients (0.5 took frame-0 shape from 40%% to 73%%)")
     parser.add_argument("--steps", type=int, default=4000, help="denoiser steps")
