@@ -74,9 +74,7 @@ class TaskResult:
 def summarize_where(places: Iterable[str]) -> str:
     """``"local"``, or the nodes tasks ran on with their counts: ``"192.0.2.2/6ab6753f x5, ..."``."""
     counts = Counter(places)
-    if not counts:
-        return LOCAL
-    if set(counts) == {LOCAL}:
+    if set(counts) <= {LOCAL}:
         return LOCAL
     return ", ".join(f"{where} x{n}" for where, n in sorted(counts.items()))
 

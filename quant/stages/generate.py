@@ -101,8 +101,19 @@ def _finished(folder: Path, key: str | None) -> dict[tuple[str, int], VideoRecor
     return done
 
 
-def _stand_in(model: LoadedModel, module: str, recipe: str, path: Path, manifest: dict):
-    verify_file(path, manifest, module)
+def check_variant_files(model: LoadedModel, variant: Variant, root: Path, settings: GenerationSettings) -> None:
+    """Every ONNX file ``variant`` runs is listed in its folder's manifest, for this model and shape,
+    with the recorded SHA-256.
+
+    Raises:
+        UserError: naming the folder or file.
+    """
+    manifests = {r: check_onnx_folder(root, r, model, settings) for r in sorted(set(variant.onnx_modules.values()))}
+    for module, recipe in variant.onnx_modules.items():
+        verify_file(onnx_path(root, recipe, module), manifests[recipe], module)
+
+
+def _stand_in(model: LoadedModel, module: str, recipe: str, path: Path):
     original = model.pipe.vae if module == "vae_decoder" else getattr(model.pipe, module)
     emulated = split_target(recipe)[1] is not None  # an emulation is float math: never fused by ORT
     return STAND_INS[module](open_session(path, optimize=not emulated), original.config, str(path))
@@ -113,12 +124,12 @@ def assemble(model: LoadedModel, variant: Variant, root: Path, settings: Generat
     ONNX stand-ins from ``<root>/onnx/...`` elsewhere."""
     from diffusers import WanPipeline
 
+    check_variant_files(model, variant, root, settings)
     ref = model.pipe
     parts = {"text_encoder": ref.text_encoder, "transformer": ref.transformer,
              "transformer_2": ref.transformer_2, "vae_decoder": ref.vae}
-    manifests = {r: check_onnx_folder(root, r, model, settings) for r in sorted(set(variant.onnx_modules.values()))}
     for module, recipe in variant.onnx_modules.items():
-        parts[module] = _stand_in(model, module, recipe, onnx_path(root, recipe, module), manifests[recipe])
+        parts[module] = _stand_in(model, module, recipe, onnx_path(root, recipe, module))
     pipe = WanPipeline(
         tokenizer=ref.tokenizer, text_encoder=parts["text_encoder"], vae=parts["vae_decoder"],
         scheduler=ref.scheduler.__class__.from_config(ref.scheduler.config),
@@ -211,7 +222,7 @@ class VariantVideos:
 
     def tasks(self) -> list[Task]:
         self.settings.check_for(self.model.pipe)
-        _pipe(self.model, self.variant, self.root, self.settings)  # every model file checked here, before any task
+        check_variant_files(self.model, self.variant, self.root, self.settings)  # before any task is sent
         self.records = _finished(self.folder, self.key)
         inputs = self._inputs()
         rel = self.folder.relative_to(self.root)
