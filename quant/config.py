@@ -27,7 +27,7 @@ from quant.pipeline.modules import MODULE_IO
 from quant.pipeline.prompts import DEFAULT_CALIBRATION_PROMPTS, DEFAULT_EVAL_PROMPTS
 from quant.recipes.records import INTEGER, KEEPERS, QUANTIZERS, RECIPES as RECORDS
 from quant.pipeline.settings import GenerationSettings
-from quant.support.target import INT8_PATHS, check_emulation_target
+from quant.support.target import DEVICES, INT8_PATHS, check_emulation_target
 from quant.recipes.names import FLOOR, RECIPES, base_recipe, check_name, keep_recipe, split_target
 
 SCHEMA_VERSION = 1
@@ -37,7 +37,6 @@ QUANT_RECIPES = QUANTIZERS
 INT8_METHODS = tuple(dict.fromkeys(m for r in RECORDS.values() for m in r.methods))
 ACTIVATION_TYPES = ("int8", "uint8")
 EXECUTORS = ("local", "ray")  # [runtime] executor (quant.stages.executor)
-DEVICES = ("cpu", "cuda")  # [runtime] device
 
 
 OBJECTIVES = ("coverage", "latency")

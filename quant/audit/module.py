@@ -69,7 +69,7 @@ from quant.stages.workspace import RUN_FILE, Workspace
 from quant.support.environment import utc_now, versions
 from quant.support.files import atomic_path, atomic_write_json, atomic_write_text, json_number
 from quant.support.progress import progress
-from quant.support.target import current_target, set_threads
+from quant.support.target import current_target, set_device, set_threads
 
 SCHEMA_VERSION = 1
 MODEL = "model"  # the module name the single model goes by (file names, history rows)
@@ -361,6 +361,7 @@ def audit_module(model_path: Path, inputs: Path, out: Path, config: AuditConfig,
     declared = parse_ranges(ranges, outputs_spec)
     recipes = check_recipes(recipes or [r for r in config.recipes if r in ONNX_ONLY] or list(ONNX_ONLY), config)
     set_threads(config.threads)
+    set_device(config.device, where=f"{config.source}: runtime.device")
     target = current_target()
     model_id = {"name": model_path.name, "path": str(model_path.resolve()), "fingerprint": fingerprint(files),
                 "files": [f.name for f in files], "inputs": [s.describe() for s in inputs_spec],

@@ -53,7 +53,7 @@ from quant.recipes.quantize import QuantizeOptions
 from quant.recipes.records import record
 from quant.stages.quantize import quantize_inputs, quantize_task, record_quantized, report_path
 from quant.stages.score import PromptSet, judge_folder, score_inputs, score_outputs, score_task, table_paths
-from quant.support.target import Target, current_target, set_threads
+from quant.support.target import Target, current_target, ort_providers, set_device, set_threads
 from quant.recipes.names import FLOOR, Variant, base_recipe, onnx_dir, onnx_path, split_target
 
 SCHEMA_VERSION = 2  # 2: target block, floor, emulated variants, kernel findings
@@ -681,23 +681,20 @@ def _publish(audit: Audit, tables: dict[str, pd.DataFrame], baseline: str | None
 
 
 def check_device(config: AuditConfig) -> None:
-    """``[runtime] device = "cuda"`` needs a CUDA device visible to torch; even then this version
-    runs the audit on the CPU only, so it says so instead of running on the CPU under a CUDA label.
+    """Put this process on ``[runtime] device`` (``quant.support.target.set_device``); on
+    ``"cuda"`` with an onnxruntime that has no GPU provider, say once that ONNX variants run on
+    the CPU (the target records the providers, so the verdict says so too).
 
     Raises:
-        UserError: naming the key and what is missing.
+        UserError: ``"cuda"`` without a CUDA device visible to torch, naming the key.
     """
-    if config.device != "cuda":
-        return
-    import torch
+    set_device(config.device, where=f"{config.source}: runtime.device")
+    if config.device == "cuda" and ort_providers() == ["CPUExecutionProvider"]:
+        import onnxruntime as ort
 
-    where = f"{config.source}: runtime.device = \"cuda\""
-    if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise UserError(f"{where}: no CUDA device is visible to torch {torch.__version__} ({build}); "
-                        "use device = \"cpu\"")
-    raise UserError(f"{where}: {torch.cuda.get_device_name(0)} is visible, but this version audits on the CPU only "
-                    "(the CUDA path is not built yet); use device = \"cpu\"")
+        print(f"note: onnxruntime {ort.__version__} has no CUDA provider: ONNX variants run on the CPU, PyTorch on "
+              f"the GPU (for both on the GPU: pip uninstall onnxruntime; pip install 'onnxruntime-gpu=={ort.__version__}')",
+              file=sys.stderr)
 
 
 def check_inputs(config: AuditConfig, model: LoadedModel, out: Path) -> None:
@@ -710,7 +707,6 @@ def check_inputs(config: AuditConfig, model: LoadedModel, out: Path) -> None:
     """
     from reports import history
 
-    check_device(config)
     if config.executor == "ray":
         from quant.stages.executor import check_reachable
 
@@ -761,6 +757,7 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
 
     out = Path(out)
     set_threads(config.threads)
+    check_device(config)
     target = current_target()
     model = load_model(config.model)
     check_inputs(config, model, out)
@@ -807,6 +804,7 @@ def search_pipeline(config: AuditConfig, out: Path, objective: str | None = None
     if inc_compare:
         settings = replace(settings, inc_compare=inc_compare)
     set_threads(config.threads)
+    check_device(config)
     model = load_model(config.model)
     config.settings.check_for(model.pipe)
     with locked_work(Path(out), model.fingerprint):

@@ -6,7 +6,11 @@
   so the wrappers are always removed again.
 - ``PeakRSS``: the process's peak resident memory while a block ran. Linux resets the peak
   (``VmHWM``) when ``5`` is written to ``/proc/self/clear_refs``; where that is refused the
-  peak since the process started is reported, and ``reset`` says so.
+  peak since the process started is reported, and ``reset`` says so. With CUDA in use, also
+  torch's peak GPU memory (``gpu_peak_bytes``; ORT's CUDA arena is not in it).
+
+On a GPU, work is asynchronous: the clock synchronizes the device before and after each call,
+so a module's seconds are its own and not the next one's.
 - ``model_bytes``: what a variant's modules weigh: ONNX files (with external data) for ONNX
   modules, parameters and buffers for PyTorch ones.
 
@@ -26,6 +30,19 @@ PARTS = {"text_encoder": ("text_encoder", "forward"), "transformer": ("transform
          "transformer_2": ("transformer_2", "forward"), "vae_decoder": ("vae", "decode")}
 
 
+def _cuda_in_use() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _sync() -> None:
+    if _cuda_in_use():
+        import torch
+
+        torch.cuda.synchronize()
+
+
 class ModuleClock:
     """Per-module seconds and calls inside the ``with`` block (see the module doc)."""
 
@@ -39,10 +56,12 @@ class ModuleClock:
         original = getattr(part, method)
 
         def timed(*args, **kwargs):
+            _sync()
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                _sync()
                 self.seconds[module] = self.seconds.get(module, 0.0) + time.perf_counter() - start
                 self.calls[module] = self.calls.get(module, 0) + 1
 
@@ -80,6 +99,7 @@ class PeakRSS:
 
     def __init__(self):
         self.peak_bytes: int | None = None
+        self.gpu_peak_bytes: int | None = None
         self.reset = False
 
     def __enter__(self) -> "PeakRSS":
@@ -88,10 +108,18 @@ class PeakRSS:
             self.reset = True
         except OSError:
             self.reset = False
+        if _cuda_in_use():
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
         return self
 
     def __exit__(self, *exc) -> None:
         self.peak_bytes = _vm_hwm()
+        if _cuda_in_use():
+            import torch
+
+            self.gpu_peak_bytes = int(torch.cuda.max_memory_allocated())
 
 
 def model_bytes(pipe, onnx_bytes: dict[str, int]) -> int:

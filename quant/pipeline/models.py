@@ -16,10 +16,11 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +49,17 @@ class LoadedModel:
     source: str
     pipe: object
     fingerprint: str
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def pipe_on(self, device) -> object:
+        """The pipeline on ``device`` (a ``torch.device``): ``pipe`` itself on the CPU, else one
+        copy moved there, made once (export, parity and INC keep using the CPU ``pipe``)."""
+        if device.type == "cpu":
+            return self.pipe
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = copy.deepcopy(self.pipe).to(device)
+        return self._on_device[key]
 
     def identity(self) -> dict:
         """How run files name the model: ``name``, ``source``, ``fingerprint``."""

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 from quant.errors import UserError, first_line
-from quant.support.target import ort_threads
+from quant.support.target import ort_providers, ort_threads
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -32,14 +32,17 @@ _ORT_TO_NUMPY = {
 }
 
 
-def open_session(path: Path, threads: int | None = None, optimize: bool = True) -> ort.InferenceSession:
-    """An ``InferenceSession`` on the CPU for ``path``.
+def open_session(path: Path, threads: int | None = None, optimize: bool = True,
+                 providers: list[str] | None = None) -> ort.InferenceSession:
+    """An ``InferenceSession`` for ``path`` on the audit's device.
 
     Args:
         threads: intra-op threads (default: ``quant.support.target.ort_threads()``, the recorded count).
         optimize: ``False`` disables every graph optimization, so a QDQ graph runs as the float
             math of its QuantizeLinear/DequantizeLinear nodes instead of fused integer kernels
-            (the reference of ``kernel_sqnr_db``, and how emulated graphs run).
+            (the reference of ``kernel_sqnr_db``, and how emulated graphs run): always on the CPU.
+        providers: default ``quant.support.target.ort_providers()`` (the CPU, or TensorRT/CUDA
+            first on ``device = "cuda"`` where onnxruntime has them).
 
     Raises:
         UserError: the file is missing, truncated or not an ONNX model ORT can load.
@@ -52,8 +55,9 @@ def open_session(path: Path, threads: int | None = None, optimize: bool = True) 
     options.intra_op_num_threads = threads or ort_threads()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        providers = providers or ["CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers or ort_providers())
     except Exception as exc:  # noqa: BLE001 - ORT raises several types for a bad file
         raise UserError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
 
@@ -68,7 +72,8 @@ def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> 
 
 
 class OrtModule(torch.nn.Module):
-    """Base of the stand-ins: one session, the replaced module's ``config``, CPU/FP32 face."""
+    """Base of the stand-ins: one session, the replaced module's ``config``, an FP32 face on the
+    device the module is moved to (``pipe.to(device)`` moves its anchor buffer; outputs follow)."""
 
     def __init__(self, session: ort.InferenceSession, config, path: str = ""):
         super().__init__()
@@ -85,7 +90,7 @@ class OrtModule(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        return self._anchor.device
 
     def run(self, **feeds: torch.Tensor) -> torch.Tensor:
         arrays = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
@@ -93,7 +98,7 @@ class OrtModule(torch.nn.Module):
         self.calls += 1
         if not np.isfinite(out).all():
             self.nonfinite_calls += 1
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(self._anchor.device)
 
 
 class OrtTextEncoder(OrtModule):

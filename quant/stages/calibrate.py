@@ -37,6 +37,7 @@ from quant.pipeline.modules import present_modules
 from quant.pipeline.sampling import expert_for, generate_video
 from quant.stages.workspace import Workspace
 from quant.support.progress import progress
+from quant.support.target import torch_device
 from quant.pipeline.prompts import read_prompts
 from quant.pipeline.settings import GenerationSettings
 
@@ -66,9 +67,12 @@ class CalibrationSpec:
                 or self.samples_per_module < 2:
             raise UserError(f"samples_per_module must be an integer >= 2, got {self.samples_per_module!r}")
 
-    def key(self, fingerprint: str, settings: GenerationSettings) -> str:
-        blob = json.dumps({"model": fingerprint, "spec": asdict(self), "settings": settings.to_dict()}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def key(self, fingerprint: str, settings: GenerationSettings, device: str = "cpu") -> str:
+        """The cache's key; samples captured on a GPU (``device``) are another cache than the CPU's."""
+        fields = {"model": fingerprint, "spec": asdict(self), "settings": settings.to_dict()}
+        if device != "cpu":
+            fields["device"] = device
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_disjoint(calibration: list[str], evaluation: list[str], calibration_path: Path, evaluation_path: Path) -> None:
@@ -235,10 +239,12 @@ def calibration_dir(root: Path) -> Path:
 
 def calibrate(model: LoadedModel, spec: CalibrationSpec, settings: GenerationSettings, root: Path,
               show_progress: bool = True) -> CalibrationSet:
-    """Capture (or reuse) calibration samples for every module of ``model``."""
+    """Capture (or reuse) calibration samples for every module of ``model``, running it on the
+    audit's device (``quant.support.target.set_device``)."""
     settings.check_for(model.pipe)
     folder = calibration_dir(root)
-    key = spec.key(model.fingerprint, settings)
+    device = torch_device()
+    key = spec.key(model.fingerprint, settings, device.type)
     manifest = _valid_cache(folder, key)
     if manifest is not None:
         return CalibrationSet(folder, manifest, reused=True)
@@ -248,9 +254,10 @@ def calibrate(model: LoadedModel, spec: CalibrationSpec, settings: GenerationSet
     per_gen = calls_per_generation(model.pipe, settings)
     chosen = {m: set(spread_indices(n, len(jobs), spec.samples_per_module)) for m, n in per_gen.items()}
     sink = _DiskSink(folder, chosen)
-    with record_inputs(model.pipe, sink):
+    pipe = model.pipe_on(device)
+    with record_inputs(pipe, sink):
         for prompt, seed in progress(jobs, "calibrate", "video", show_progress):
-            generate_video(model.pipe, prompt, seed, settings)
+            generate_video(pipe, prompt, seed, settings)
     manifest = {
         "schema_version": SCHEMA_VERSION, "key": key,
         "model": model.identity(),

@@ -124,6 +124,7 @@ class WorkerSpec:
     code: str  # quant.stages.runner.source_hash of the task functions' modules
     modules: tuple[str, ...]
     model_files: dict = field(default_factory=dict)  # rel -> (sha256, ObjectRef) for a checkpoint folder
+    device: str = "cpu"  # [runtime] device: a "cuda" audit's workers need a GPU (and the same GPU kind)
 
 
 _WORKER: dict = {}  # per worker process: spec key -> the loaded model
@@ -153,7 +154,7 @@ def _worker(spec: WorkerSpec):
     """This worker's model, after checking it is the driver's target and code (once per process)."""
     from quant.stages.runner import source_hash
     from quant.support.environment import versions
-    from quant.support.target import current_target, set_threads
+    from quant.support.target import current_target, set_device, set_threads
 
     key = (spec.fingerprint, spec.target, spec.code)
     if key in _WORKER:
@@ -162,6 +163,10 @@ def _worker(spec: WorkerSpec):
 
     node = ray.util.get_node_ip_address()
     set_threads(spec.threads)
+    try:
+        set_device(spec.device)
+    except UserError as exc:
+        raise TaskRefused(f"node {node}: {exc}") from None
     target = current_target()
     if target.id != spec.target:
         raise TaskRefused(f"node {node} is target {target.id}, the audit's is {spec.target}: one verdict is for one "
@@ -241,17 +246,23 @@ class RayExecutor:
             self._owns = False
         self._refs: dict[str, object] = {}  # sha256 -> ObjectRef: each content put once
         # a task uses the target's threads, so it reserves as many CPUs (and must fit on some node)
-        cpus = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        cpus = max((r.get("CPU", 0) for r in alive), default=0)
         if cpus < target.threads:
             raise UserError(f"runtime.threads: a task runs {target.threads} threads, but no node of the Ray cluster has more "
                             f"than {cpus:g} CPUs; set [runtime] threads to at most {int(cpus)} or add larger nodes")
-        self._remote = ray.remote(max_retries=RETRIES, retry_exceptions=False, num_cpus=target.threads)(_run_remote)
+        gpus = 1 if target.device == "cuda" else 0  # a "cuda" audit's tasks each hold one GPU of a node
+        if gpus and not any(r.get("GPU", 0) >= 1 and r.get("CPU", 0) >= target.threads for r in alive):
+            raise UserError("runtime.device = \"cuda\": no node of the Ray cluster has a GPU and "
+                            f"{target.threads} CPUs; start GPU nodes or use device = \"cpu\"")
+        self._remote = ray.remote(max_retries=RETRIES, retry_exceptions=False, num_cpus=target.threads,
+                                  num_gpus=gpus)(_run_remote)
         model_files = {}
         if model.source != "builtin":
             folder = Path(model.source)
             model_files = {rel: self._put(folder / rel) for rel in _files_under(folder, ".")}
         self.spec = WorkerSpec(model.name, model.fingerprint, target.id, threads, versions(), source_hash(sources),
-                               tuple(sources), model_files)
+                               tuple(sources), model_files, target.device)
 
     def _put(self, path: Path) -> tuple[str, object]:
         sha = file_hash(path)

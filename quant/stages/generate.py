@@ -27,6 +27,7 @@ from quant.stages.workspace import Workspace
 
 from quant.support.environment import versions
 from quant.support.files import atomic_write_json, file_hash
+from quant.support.target import torch_device
 from quant.pipeline.models import LoadedModel
 from quant.pipeline.cost import ModuleClock, PeakRSS, model_bytes
 from quant.pipeline.ort_modules import STAND_INS, open_session
@@ -121,11 +122,13 @@ def _stand_in(model: LoadedModel, module: str, recipe: str, path: Path):
 
 def assemble(model: LoadedModel, variant: Variant, root: Path, settings: GenerationSettings):
     """A ``WanPipeline`` running ``variant``: PyTorch modules where the recipe is ``torch``,
-    ONNX stand-ins from ``<root>/onnx/...`` elsewhere."""
+    ONNX stand-ins from ``<root>/onnx/...`` elsewhere; on the audit's device
+    (``quant.support.target.set_device``: the stand-ins take and give tensors there)."""
     from diffusers import WanPipeline
 
     check_variant_files(model, variant, root, settings)
-    ref = model.pipe
+    device = torch_device()
+    ref = model.pipe_on(device)
     parts = {"text_encoder": ref.text_encoder, "transformer": ref.transformer,
              "transformer_2": ref.transformer_2, "vae_decoder": ref.vae}
     for module, recipe in variant.onnx_modules.items():
@@ -137,7 +140,7 @@ def assemble(model: LoadedModel, variant: Variant, root: Path, settings: Generat
         boundary_ratio=ref.config.boundary_ratio, expand_timesteps=ref.config.expand_timesteps,
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe if device.type == "cpu" else pipe.to(device)
 
 
 def nonfinite_counts(pipe) -> dict[str, int]:
@@ -193,7 +196,8 @@ def video_task(context: TaskContext, variant: Variant, settings: GenerationSetti
                          hashlib.sha256(video.frames.tobytes()).hexdigest(),
                          {m: after[m] - before[m] for m in after if after[m] - before[m]}, round(seconds, 6),
                          {m: round(t, 6) for m, t in clock.seconds.items()})
-    return {"record": asdict(record), "peak_rss_bytes": rss.peak_bytes, "peak_rss_reset": rss.reset}
+    return {"record": asdict(record), "peak_rss_bytes": rss.peak_bytes, "peak_rss_reset": rss.reset,
+            "gpu_peak_bytes": rss.gpu_peak_bytes}
 
 
 class VariantVideos:
@@ -211,6 +215,7 @@ class VariantVideos:
         self.folder = video_dir(self.root, variant.name)
         self.records: dict[tuple[str, int], VideoRecord] = {}
         self.peak: tuple[int | None, bool] = (None, False)
+        self.gpu_peak: int | None = None  # torch's peak GPU bytes over the videos, on device = "cuda"
 
     def _inputs(self) -> tuple[str, ...]:
         """The variant's ONNX files and their folders' manifests, relative to ``root``."""
@@ -247,6 +252,9 @@ class VariantVideos:
         peak, reset = self.peak
         if result.value["peak_rss_bytes"] is not None and (peak is None or result.value["peak_rss_bytes"] > peak):
             self.peak = (result.value["peak_rss_bytes"], result.value["peak_rss_reset"])
+        gpu = result.value.get("gpu_peak_bytes")
+        if gpu is not None and (self.gpu_peak is None or gpu > self.gpu_peak):
+            self.gpu_peak = gpu
         atomic_write_json(self.folder / "manifest.json",
                           _manifest(self.model, self.variant, self.settings, self.ordered(), self.key))
 
@@ -255,6 +263,8 @@ class VariantVideos:
         onnx_bytes = {m: onnx_size_bytes(onnx_path(self.root, r, m)) for m, r in self.variant.onnx_modules.items()}
         cost = {"peak_rss_bytes": self.peak[0], "peak_rss_reset": self.peak[1],
                 "model_bytes": model_bytes(self.model.pipe, onnx_bytes), "videos_timed": sum(1 for r in records if r.seconds)}
+        if self.gpu_peak is not None:
+            cost["gpu_peak_bytes"] = self.gpu_peak
         atomic_write_json(self.folder / "manifest.json",
                           _manifest(self.model, self.variant, self.settings, records, self.key, cost))
 
@@ -299,6 +309,8 @@ def variant_cost(folder: Path) -> dict:
             row[f"{module}_seconds"] = statistics.median(r.module_seconds.get(module, 0.0) for r in timed)
     if cost.get("peak_rss_bytes"):
         row["peak_rss_mb"] = cost["peak_rss_bytes"] / 2**20
+    if cost.get("gpu_peak_bytes"):
+        row["gpu_peak_mb"] = cost["gpu_peak_bytes"] / 2**20
     if cost.get("model_bytes"):
         row["model_mb"] = cost["model_bytes"] / 2**20
     return row

@@ -13,6 +13,13 @@ differ between AVX2 and AVX-512 (blocking, FMA order). So a verdict belongs to o
   (not from the CPU's marketing name: two CPUs with the same flags and software share an id).
 - ``set_threads``: fixes ONNX Runtime's and torch's intra-op threads for the process
   (``[runtime] threads``; default all usable cores), so the recorded count is the one used.
+- ``set_device``: ``[runtime] device``. ``"cuda"`` runs the PyTorch side (reference videos,
+  calibration capture, PyTorch modules of variants) on the first GPU with deterministic kernels
+  and without TF32, and ONNX variants on ONNX Runtime's TensorRT/CUDA providers where the
+  installed onnxruntime has them (``onnxruntime-gpu``); the target then records the GPU, its
+  driver and the CUDA/cuDNN versions, and its id says ``cuda``. Export, parity, INC's PT2E
+  quantization and emulation stay on the CPU (an exported graph is device-free; INC's x86
+  quantizer and the emulated int8 paths are CPU by definition).
 
 Example::
 
@@ -41,6 +48,9 @@ INT8_PATHS = {
 }
 
 _threads: int | None = None
+_device: str = "cpu"
+DEVICES = ("cpu", "cuda")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")  # preferred first
 
 
 def usable_cores() -> int:
@@ -75,6 +85,99 @@ def set_threads(threads: int | None) -> int:
 def ort_threads() -> int:
     """The intra-op thread count ONNX Runtime sessions use (``set_threads``; default all cores)."""
     return _threads if _threads is not None else usable_cores()
+
+
+def set_device(device: str, where: str = "runtime.device") -> str:
+    """Run this process's PyTorch side (and ONNX Runtime, where it can) on ``device``.
+
+    ``"cuda"`` also makes the GPU's numbers repeatable: deterministic cuDNN/cuBLAS algorithms
+    (``CUBLAS_WORKSPACE_CONFIG``), no cuDNN autotuning, no TF32 (an FP32 reference must be FP32).
+
+    Raises:
+        UserError: an unknown device, or ``"cuda"`` without a CUDA device visible to torch.
+    """
+    global _device
+    if device not in DEVICES:
+        raise UserError(f"{where}: expected one of {', '.join(DEVICES)}, got {device!r}")
+    import torch
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise UserError(f"{where} = \"cuda\": no CUDA device is visible to torch {torch.__version__} ({build}); "
+                            "use device = \"cpu\"")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    _device = device
+    return device
+
+
+def current_device() -> str:
+    """``"cpu"`` or ``"cuda"`` (``set_device``)."""
+    return _device
+
+
+def torch_device():
+    """The ``torch.device`` the PyTorch side runs on."""
+    import torch
+
+    return torch.device("cuda", 0) if _device == "cuda" else torch.device("cpu")
+
+
+def ort_providers(device: str | None = None, available: list[str] | None = None) -> list[str]:
+    """ONNX Runtime providers for sessions on ``device`` (default: ``set_device``'s), best first:
+    TensorRT and CUDA where the installed onnxruntime offers them (``onnxruntime-gpu``), then the
+    CPU, which runs whatever a GPU provider does not take. On ``"cpu"``: the CPU only."""
+    if (device or _device) != "cuda":
+        return ["CPUExecutionProvider"]
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    return [p for p in GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+
+
+def _nvidia_driver() -> str:
+    """The NVIDIA driver release (``nvidia-smi``), or its CUDA API version from libcuda, or ``unknown``."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            if out.strip():
+                return out.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        import ctypes
+
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return f"cuda-api-{version.value // 1000}.{version.value % 1000 // 10}"
+    except (OSError, AttributeError):
+        pass
+    return "unknown"
+
+
+@lru_cache(maxsize=None)
+def gpu_info() -> dict:
+    """The first CUDA device as ``torch`` sees it: name, compute capability, memory, driver, and
+    the CUDA and cuDNN versions torch was built with. Empty without a CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    props = torch.cuda.get_device_properties(0)
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"name": props.name, "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count(),
+            "driver": _nvidia_driver(), "cuda": torch.version.cuda, "cudnn": cudnn}
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -136,6 +239,9 @@ class Target:
         digest = hashlib.sha256(json.dumps(numerics, sort_keys=True).encode()).hexdigest()[:6]
         simd = "avx512" if self.flags.get("avx512f") else "avx2" if self.flags.get("avx2") else "base"
         int8 = {"vnni": "vnni", "avx2": "novnni"}.get(self.int8_path, self.int8_path)
+        if self.device == "cuda":  # the GPU decides the numbers; the CPU still runs what providers leave
+            gpu = "sm" + str(self.gpu.get("capability", "")).replace(".", "")
+            return f"{self.arch}-cuda-{gpu}-{simd}-{int8}-ort{self.onnxruntime}-t{self.threads}-{digest}"
         return f"{self.arch}-{simd}-{int8}-ort{self.onnxruntime}-t{self.threads}-{digest}"
 
     def to_dict(self) -> dict:
@@ -143,7 +249,11 @@ class Target:
 
     def describe(self) -> str:
         """One line for consoles and reports."""
-        return (f"{self.cpu} ({self.cores} cores; int8 path {self.int8_path}: "
+        gpu = ""
+        if self.device == "cuda":
+            gpu = (f"{self.gpu.get('name', 'GPU')} (driver {self.gpu.get('driver')}, CUDA {self.gpu.get('cuda')}, "
+                   f"cuDNN {self.gpu.get('cudnn')}) with ")
+        return (f"{gpu}{self.cpu} ({self.cores} cores; int8 path {self.int8_path}: "
                 f"{INT8_PATHS.get(self.int8_path, 'no x86 SIMD int8 kernels')}); ONNX Runtime {self.onnxruntime} "
                 f"{'/'.join(self.providers)}, {self.threads} threads; target {self.id}")
 
@@ -162,8 +272,9 @@ def current_target() -> Target:
     arch, model, flags = _machine()
     flags = dict(flags)
     return Target(arch=arch, cpu=model, flags=flags, cores=usable_cores(), int8_path=int8_path(flags),
-                  onnxruntime=ort.__version__, providers=("CPUExecutionProvider",), threads=ort_threads(),
-                  torch=torch.__version__.split("+")[0], torch_threads=torch.get_num_threads())
+                  onnxruntime=ort.__version__, providers=tuple(ort_providers()), threads=ort_threads(),
+                  torch=torch.__version__.split("+")[0], torch_threads=torch.get_num_threads(), device=_device,
+                  gpu=gpu_info() if _device == "cuda" else {})
 
 
 def check_emulation_target(name: str, where: str = "runtime.emulate") -> str:
