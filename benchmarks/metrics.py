@@ -13,6 +13,7 @@ Usage::
 
     .venv/bin/python benchmarks/metrics.py                 # 81 frames of 1280x720
     .venv/bin/python benchmarks/metrics.py --frames 9      # quicker look
+    .venv/bin/python benchmarks/metrics.py --device cuda   # ours through PyTorch on the GPU (metrics.torch_kernels)
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_child(impl: str, frames: int, height: int, width: int, limit: int) -> dict:
+def run_child(impl: str, frames: int, height: int, width: int, limit: int, device: str = "cpu") -> dict:
     """Score the pair with ``impl`` in this process; returns timings and memory."""
     reference, candidate = make_pair(frames, height, width)
     count = min(limit, frames)
@@ -60,10 +61,12 @@ def run_child(impl: str, frames: int, height: int, width: int, limit: int) -> di
         return _run_ffmpeg(reference[:count], candidate[:count], loaded_mb)
     if impl == "ours":
         sys.path.insert(0, str(ROOT))
+        from metrics import fused
         from metrics.psnr import psnr_frames
         from metrics.ssim import ssim_frames
 
-        ssim_frames(reference[:1], candidate[:1])  # warm-up: thread pools, first allocations
+        fused.set_device(device)
+        ssim_frames(reference[:1], candidate[:1])  # warm-up: thread pools, first allocations, CUDA context
         start = time.perf_counter()
         psnr = psnr_frames(reference[:count], candidate[:count])
         ssim = ssim_frames(reference[:count], candidate[:count])
@@ -119,16 +122,24 @@ def main() -> int:
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--skimage-frames", type=int, default=None, help="score only this many frames with scikit-image")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where ours runs: numba on the CPU, or PyTorch on the GPU")
     parser.add_argument("--child", choices=["ours", "skimage", "ffmpeg"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         limit = args.frames if args.child != "skimage" or args.skimage_frames is None else args.skimage_frames
-        print(json.dumps(run_child(args.child, args.frames, args.height, args.width, limit)))
+        print(json.dumps(run_child(args.child, args.frames, args.height, args.width, limit, args.device)))
         return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"--device cuda: no CUDA device is visible to torch {torch.__version__}", file=sys.stderr)
+            return 2
     results = {}
     for impl in ("ours", "skimage", "ffmpeg"):
         cmd = [sys.executable, __file__, "--child", impl, "--frames", str(args.frames), "--height", str(args.height),
-               "--width", str(args.width)] + (["--skimage-frames", str(args.skimage_frames)] if args.skimage_frames else [])
+               "--width", str(args.width), "--device", args.device] + (["--skimage-frames", str(args.skimage_frames)] if args.skimage_frames else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
     ours, ref, ff = results["ours"], results["skimage"], results["ffmpeg"]
@@ -137,7 +148,7 @@ def main() -> int:
     psnr_err = max(abs(a - b) for a, b in zip(ours["psnr"][:both], ref["psnr"][:both]))
     float64_video_mb = args.frames * args.height * args.width * 3 * 8 / 2**20
     print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} usable cores")
-    print(f"pair: {args.frames} frames of {args.width}x{args.height}; PSNR + SSIM (RGB) per frame")
+    print(f"pair: {args.frames} frames of {args.width}x{args.height}; PSNR + SSIM (RGB) per frame; ours on {args.device}")
     print(f"{'impl':10s} {'frames':>6s} {'s/frame':>9s} {'peak RSS MB':>12s} {'above videos MB':>16s}")
     for r in (ours, ref, ff):
         print(f"{r['impl']:10s} {r['frames']:6d} {r['seconds_per_frame']:9.4f} {r['peak_rss_mb']:12.0f} {r['extra_peak_mb']:16.0f}")

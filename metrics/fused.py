@@ -44,6 +44,18 @@ def gaussian_taps() -> np.ndarray:
 
 
 _TAPS = gaussian_taps()
+_DEVICE = "cpu"  # where metrics.ssim and metrics.psnr compute: "cpu" (these kernels) or "cuda" (metrics.torch_kernels)
+
+
+def set_device(device: str) -> None:
+    """Compute SSIM and squared error on ``device``: ``"cpu"`` (numba, here) or a torch device
+    such as ``"cuda"`` (``metrics.torch_kernels``, the same numbers). Set by ``[runtime] device``."""
+    global _DEVICE
+    _DEVICE = device
+
+
+def device() -> str:
+    return _DEVICE
 
 
 # The loops below index 0-based views of the shifted inputs (``src[lo + d : hi + d]``), never

@@ -42,6 +42,10 @@ def mse_frames(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     """
     _check_pair(reference, candidate)
     size = float(np.prod(reference.shape[1:]))
+    if reference.dtype == np.uint8 and candidate.dtype == np.uint8 and fused.device() != "cpu":
+        from metrics.torch_kernels import squared_errors
+
+        return squared_errors(reference, candidate, fused.device()) / size
     if reference.dtype == np.uint8 and candidate.dtype == np.uint8:
         return np.array([fused.squared_error(r, c) / size for r, c in zip(reference, candidate)], dtype=np.float64)
     out = np.empty(reference.shape[0], dtype=np.float64)

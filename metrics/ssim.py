@@ -34,7 +34,8 @@ LUMA_BT601 = (0.299, 0.587, 0.114)
 COLOURS = ("rgb", "luma")
 
 PARAMETERS = {
-    "implementation": "quant-audit metrics.fused (numba, float64 row strips on every core)",
+    "implementation": "quant-audit metrics.fused (numba, float64 row strips on every core); on device = cuda "
+                      "metrics.torch_kernels (PyTorch float64, the same numbers)",
     "reference_implementation": "skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5, "
                                 "use_sample_covariance=False, data_range=255)",
     "gaussian_sigma": SIGMA, "window": WINDOW, "K1": K1, "K2": K2, "data_range": DATA_RANGE,
@@ -82,6 +83,13 @@ def ssim_frames(reference: np.ndarray, candidate: np.ndarray, colour: str = "rgb
         raise ValueError(f"colour must be one of {COLOURS}, got {colour!r}")
     check_frame_size(reference.shape)
     prepare = _luma if colour == "luma" else (lambda f: f)
+    if fused.device() != "cpu":  # [runtime] device = "cuda": the same numbers through PyTorch
+        from metrics.torch_kernels import ssim_channel_means
+
+        ref = luma(reference) if colour == "luma" else reference
+        cand = luma(candidate) if colour == "luma" else candidate
+        means = ssim_channel_means(ref, cand, fused.device()).mean(axis=1)
+        return np.clip(means, -1.0, 1.0)
     return np.array([_frame_ssim(prepare(r), prepare(c)) for r, c in zip(reference, candidate)], dtype=np.float64)
 
 

@@ -8,14 +8,17 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from metrics.psnr import psnr_frames, psnr_video
+from metrics import fused
+from metrics.psnr import mse_frames, psnr_frames, psnr_video
 from metrics.scores import CAP_DB, score_video, summarize
 from metrics.ssim import luma, ssim_frames
 from metrics.temporal import temporal_frames
 from metrics.tensor import sqnr_db
+from metrics.torch_kernels import ssim_channel_means
 
 rng = np.random.default_rng(2004)
 
@@ -193,6 +196,23 @@ def test_ssim_matches_skimage_to_1e6_on_x264_crf32_content(tmp_path):
     expected = np.array([_sk_ssim(r, c) for r, c in zip(reference, candidate)])
     assert 0.5 < expected.min() < 0.999  # real compression error, not a trivial pair
     np.testing.assert_allclose(ssim_frames(reference, candidate), expected, rtol=0, atol=1e-9)
+    torch_path = ssim_channel_means(reference, candidate, torch.device("cpu")).mean(axis=1)
+    np.testing.assert_allclose(torch_path, expected, rtol=0, atol=1e-9)  # what a GPU audit runs, here on the CPU
+
+
+@pytest.mark.parametrize("kind", list(CONTENT))
+def test_the_pytorch_path_gives_the_numba_paths_numbers(kind, monkeypatch):
+    """``device = "cuda"`` scores through ``metrics.torch_kernels``; "cpu:0" is a torch device
+    that is not "cpu", so the same dispatch runs here (no GPU on this machine)."""
+    reference, candidate = CONTENT[kind]
+    numba_ssim, numba_luma = ssim_frames(reference, candidate), ssim_frames(reference, candidate, colour="luma")
+    numba_mse = mse_frames(reference, candidate)
+    monkeypatch.setattr(fused, "_DEVICE", "cpu:0")
+    np.testing.assert_allclose(ssim_frames(reference, candidate), numba_ssim, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ssim_frames(reference, candidate, colour="luma"), numba_luma, rtol=0, atol=1e-12)
+    assert np.array_equal(mse_frames(reference, candidate), numba_mse)  # exact integer sums on both
+    expected = np.array([_sk_ssim(r, c) for r, c in zip(reference, candidate)])
+    np.testing.assert_allclose(ssim_frames(reference, candidate), expected, rtol=0, atol=1e-6)
 
 
 def test_ssim_does_not_depend_on_the_number_of_threads():

@@ -112,6 +112,9 @@ def set_device(device: str, where: str = "runtime.device") -> str:
         torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    from metrics import fused
+
+    fused.set_device(device)  # SSIM and PSNR through PyTorch on the GPU too (metrics.torch_kernels)
     _device = device
     return device
 
