@@ -208,3 +208,25 @@ def test_edge_loss_sees_rounded_corners_that_a_blur_makes():
     assert _edge_loss(x, x).item() == 0.0
     assert _edge_loss(x, blurred).item() > 5 * _edge_loss(x, shifted).item()
 
+
+
+def test_per_frame_init_sends_every_frame_down_the_first_frames_path():
+    """After ``per_frame_temporal_init`` the causal VAE treats each frame alone: a clip of one
+    picture repeated comes back as one picture repeated (the path single-frame training trains),
+    where the random past taps of an unprepared VAE make later frames differ from the first."""
+    from quant.pipeline.models import build_t2v_shapes_untrained
+    from quant.pipeline.train_shapes import _to_tensor, per_frame_temporal_init
+    from metrics.shapes_world import all_specs, render_video
+
+    still = np.repeat(render_video(all_specs()[0], 1, 64, seed=0), 17, axis=0)
+    x = _to_tensor(still[None])
+
+    def spread(vae) -> float:
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample[0]
+        return (y - y[:, :1]).abs().amax().item() / y[:, :1].abs().amax().item()
+
+    raw = build_t2v_shapes_untrained(0).vae.eval()
+    prepared = build_t2v_shapes_untrained(0).vae.eval()
+    assert per_frame_temporal_init(prepared) > 0
+    assert spread(raw) > 0.05 and spread(prepared) < 1e-5
