@@ -42,21 +42,23 @@ TUNABLE = ("transformer", "transformer_2")
 
 
 class TorchTransformer(OrtTransformer):
-    """The ``OrtTransformer`` face over a PyTorch callable ``(latent, timestep, text_emb) -> noise``."""
+    """The ``OrtTransformer`` face over a PyTorch callable ``(latent, timestep, text_emb) -> noise``;
+    INC's quantized module runs on the CPU whatever device the pipeline is on, so inputs go to
+    the CPU and the output comes back to the pipeline's device."""
 
     def __init__(self, function, config, dtypes: dict[str, torch.dtype]):
         super().__init__(None, config, "inc-autotune")
         self.function, self.dtypes = function, dtypes
 
     def run(self, **feeds: torch.Tensor) -> torch.Tensor:
-        args = [feeds[n].to(self.dtypes[n]) for n in MODULE_IO["transformer"].inputs]
+        args = [feeds[n].cpu().to(self.dtypes[n]) for n in MODULE_IO["transformer"].inputs]
         with torch.no_grad():
             out = self.function(*args)
         out = out[0] if isinstance(out, (tuple, list)) else out
         self.calls += 1
         if not torch.isfinite(out).all():
             self.nonfinite_calls += 1
-        return out.float()
+        return out.float().to(self.device)
 
 
 def _video_metric(audit, module: str, function, dtypes, metric: str) -> float:
@@ -64,7 +66,7 @@ def _video_metric(audit, module: str, function, dtypes, metric: str) -> float:
     variant = Variant(f"torch-{module}", {m: "torch" for m in audit.modules})
     pipe = assemble(audit.model, variant, audit.work, audit.settings)
     original = getattr(pipe, module)
-    setattr(pipe, module, TorchTransformer(function, original.config, dtypes))
+    setattr(pipe, module, TorchTransformer(function, original.config, dtypes).to(pipe.device))
     frames = []
     for index, prompt in enumerate(audit.prompts):
         for seed in audit.config.seeds:

@@ -233,7 +233,13 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
 
 def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, dit_batch: int,
           seeds_per_spec: int, threads: int | None, check_clips: int = 24, vae_frame_steps: int = 0,
-          vae_frame_batch: int = 16, vae_lr: float = 3e-3, edge_weight: float = 0.0) -> dict:
+          vae_frame_batch: int = 16, vae_lr: float = 3e-3, edge_weight: float = 0.0,
+          vae_from: Path | None = None, dit_lr: float = 1e-3) -> dict:
+    """Train and write the checkpoint folder ``out`` (atomically); returns ``training.json``'s content.
+
+    ``vae_from``: a checkpoint folder whose VAE is taken as trained (its VAE phases are skipped),
+    to train denoisers again on the same latents.
+    """
     from quant.support.environment import versions
 
     if threads:
@@ -245,7 +251,14 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     pipe = build_t2v_shapes_untrained(seed)
     per_frame_temporal_init(pipe.vae)
     log: list = []
-    if vae_frame_steps:  # single frames: the first-frame path at a fifth of the cost, where colour is learnt
+    if vae_from is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(next(Path(vae_from, "vae").glob("*.safetensors"))))
+        pipe.vae.load_state_dict(state)
+        pipe.vae.eval().requires_grad_(False)
+        vae_frame_steps = vae_steps = 0
+    if vae_frame_steps:  # single frames: every frame's path once the temporal layers are per-frame
         train_vae(pipe.vae, vae_frame_steps, vae_frame_batch, 1e-3, rng, log, frames=1, edge_weight=edge_weight)
     if vae_steps:
         train_vae(pipe.vae, vae_steps, vae_batch, vae_lr, rng, log, edge_weight=edge_weight)
@@ -260,14 +273,14 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     mean_t = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std_t = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
     latents = (raw - mean_t) / std_t  # what the pipeline's sampler works in
-    train_denoisers(pipe, latents, prompts, dit_steps, dit_batch, 1e-3, generator, rng, log)
+    train_denoisers(pipe, latents, prompts, dit_steps, dit_batch, dit_lr, generator, rng, log)
     seconds = time.monotonic() - started
     info = {
         "model": SHAPES_MODEL, "seed": seed, "vae_frame_steps": vae_frame_steps, "vae_frame_batch": vae_frame_batch,
         "vae_steps": vae_steps, "vae_batch": vae_batch, "vae_lr": vae_lr, "edge_weight": edge_weight,
         "denoiser_steps": dit_steps, "denoiser_batch": dit_batch, "clips_per_combination": seeds_per_spec,
         "threads": torch.get_num_threads(), "seconds": round(seconds, 1), "vae_seconds": round(vae_seconds, 1),
-        "vae_reconstruction_adherence": vae_check,
+        "vae_reconstruction_adherence": vae_check, "vae_from": str(vae_from) if vae_from else None, "denoiser_lr": dit_lr,
         "versions": versions(), "log": log,
     }
     out = Path(out)
@@ -306,11 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4000, help="denoiser steps")
     parser.add_argument("--batch", type=int, default=48, help="denoiser batch (half per expert)")
     parser.add_argument("--clips", type=int, default=8, help="rendered clips per combination for the denoisers")
+    parser.add_argument("--lr", type=float, default=1e-3, help="denoisers' peak learning rate")
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="take the VAE of this checkpoint folder as trained (skip the VAE phases)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     info = train(args.out, args.seed, args.vae_steps, args.vae_batch, args.steps, args.batch, args.clips, args.threads,
                  vae_frame_steps=args.vae_frame_steps, vae_frame_batch=args.vae_frame_batch,
-                 vae_lr=args.vae_lr, edge_weight=args.edge_weight)
+                 vae_lr=args.vae_lr, edge_weight=args.edge_weight, vae_from=args.vae_from, dit_lr=args.lr)
     print(f"wrote {args.out} in {info['seconds'] / 60:.1f} min")
     return 0
 
