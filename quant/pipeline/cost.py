@@ -8,11 +8,11 @@
   (``VmHWM``) when ``5`` is written to ``/proc/self/clear_refs``; where that is refused the
   peak since the process started is reported, and ``reset`` says so. With CUDA in use, also
   torch's peak GPU memory (``gpu_peak_bytes``; ORT's CUDA arena is not in it).
+- ``model_bytes``: what a variant's modules weigh: ONNX files (with external data) for ONNX
+  modules, parameters and buffers for PyTorch ones.
 
 On a GPU, work is asynchronous: the clock synchronizes the device before and after each call,
 so a module's seconds are its own and not the next one's.
-- ``model_bytes``: what a variant's modules weigh: ONNX files (with external data) for ONNX
-  modules, parameters and buffers for PyTorch ones.
 
 Example::
 
@@ -33,7 +33,7 @@ PARTS = {"text_encoder": ("text_encoder", "forward"), "transformer": ("transform
 def _cuda_in_use() -> bool:
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.cuda.is_initialized()  # False on a CPU build, and until something used the GPU
 
 
 def _sync() -> None:
