@@ -82,14 +82,12 @@ def ssim_frames(reference: np.ndarray, candidate: np.ndarray, colour: str = "rgb
     if colour not in COLOURS:
         raise ValueError(f"colour must be one of {COLOURS}, got {colour!r}")
     check_frame_size(reference.shape)
-    prepare = _luma if colour == "luma" else (lambda f: f)
     if fused.device() != "cpu":  # [runtime] device = "cuda": the same numbers through PyTorch
         from metrics.torch_kernels import ssim_channel_means
 
-        ref = luma(reference) if colour == "luma" else reference
-        cand = luma(candidate) if colour == "luma" else candidate
-        means = ssim_channel_means(ref, cand, fused.device()).mean(axis=1)
-        return np.clip(means, -1.0, 1.0)
+        pair = (luma(reference), luma(candidate)) if colour == "luma" else (reference, candidate)
+        return np.clip(ssim_channel_means(*pair, fused.device()).mean(axis=1), -1.0, 1.0)
+    prepare = _luma if colour == "luma" else (lambda f: f)
     return np.array([_frame_ssim(prepare(r), prepare(c)) for r, c in zip(reference, candidate)], dtype=np.float64)
 
 

@@ -78,4 +78,3 @@ def squared_errors(reference: np.ndarray, candidate: np.ndarray, device) -> np.n
         y = _as_nchw(candidate[start:start + FRAMES_PER_BATCH], device, torch.int64)
         out.append((x - y).square().flatten(1).sum(dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.int64)
-

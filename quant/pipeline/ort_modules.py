@@ -33,7 +33,7 @@ _ORT_TO_NUMPY = {
 
 
 def open_session(path: Path, threads: int | None = None, optimize: bool = True,
-                 providers: list[str] | None = None) -> ort.InferenceSession:
+                 cpu: bool = False) -> ort.InferenceSession:
     """An ``InferenceSession`` for ``path`` on the audit's device.
 
     Args:
@@ -41,8 +41,8 @@ def open_session(path: Path, threads: int | None = None, optimize: bool = True,
         optimize: ``False`` disables every graph optimization, so a QDQ graph runs as the float
             math of its QuantizeLinear/DequantizeLinear nodes instead of fused integer kernels
             (the reference of ``kernel_sqnr_db``, and how emulated graphs run): always on the CPU.
-        providers: default ``quant.support.target.ort_providers()`` (the CPU, or TensorRT/CUDA
-            first on ``device = "cuda"`` where onnxruntime has them).
+        cpu: on the CPU whatever the audit's device (parity, emulation); otherwise
+            ``quant.support.target.ort_providers()`` (TensorRT/CUDA first on ``device = "cuda"``).
 
     Raises:
         UserError: the file is missing, truncated or not an ONNX model ORT can load.
@@ -55,9 +55,9 @@ def open_session(path: Path, threads: int | None = None, optimize: bool = True,
     options.intra_op_num_threads = threads or ort_threads()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        providers = providers or ["CPUExecutionProvider"]
+    providers = ort_providers("cpu" if cpu or not optimize else None)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers or ort_providers())
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises several types for a bad file
         raise UserError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
 

@@ -49,7 +49,7 @@ def emulate_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pat
     for module in modules:
         src, dst = verify_file(onnx_path(root, source, module), quantized, module), onnx_path(root, recipe, module)
         result = emulate_model(src, dst, target)
-        reference = open_session(onnx_path(root, "onnx", module), providers=["CPUExecutionProvider"])
+        reference = open_session(onnx_path(root, "onnx", module), cpu=True)
         with tempfile.TemporaryDirectory() as tmp:
             float_math = open_session(float_math_model(src, Path(tmp) / "float_math.onnx"), optimize=False)
         emulated = open_session(dst, optimize=False)

@@ -42,8 +42,6 @@ from quant.recipes.manifest import previous_modules, write_onnx_manifest
 from quant.pipeline.settings import GenerationSettings
 from quant.recipes.names import onnx_path
 
-CPU = ["CPUExecutionProvider"]  # parity proves the graph, CPU against CPU, whatever the audit's device
-
 SCHEMA_VERSION = 1
 PARITY_SAMPLES = 4
 
@@ -84,13 +82,13 @@ def _export_one(model, module, samples, root, options, bar) -> tuple[ExportRecor
     record = export_module(model.pipe, module, batch_of_two(inputs), dest, options)
     adapter = torch_module(model.pipe, module)
     bar.set_postfix_str(f"{module}: parity")
-    parity = measure_parity(module, adapter, open_session(dest, providers=CPU), inputs)
+    parity = measure_parity(module, adapter, open_session(dest, cpu=True), inputs)  # the graph, CPU against CPU
     if options.simplify and parity.passed:
         bar.set_postfix_str(f"{module}: simplify")
         checked: dict[str, Parity] = {}
 
         def verify(candidate: Path) -> bool:
-            checked["p"] = measure_parity(module, adapter, open_session(candidate, providers=CPU), inputs)
+            checked["p"] = measure_parity(module, adapter, open_session(candidate, cpu=True), inputs)
             return checked["p"].passed
 
         record.simplified = simplify_onnx(dest, record.external_data, verify)
@@ -130,8 +128,7 @@ def import_external(model: LoadedModel, settings: GenerationSettings, root: Path
                               source=str(external.path), mapping=names)
         samples = [s.inputs for s in spread(recorded[module], PARITY_SAMPLES)]
         try:
-            parity = measure_parity(module, torch_module(model.pipe, module), open_session(dest, providers=CPU),
-                                    samples)
+            parity = measure_parity(module, torch_module(model.pipe, module), open_session(dest, cpu=True), samples)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types for shape/type mismatches
             shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in samples[0].items())
             raise UserError(f"{external.path}: ONNX Runtime cannot run it on {module}'s inputs ({shapes}): "

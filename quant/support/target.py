@@ -119,11 +119,6 @@ def set_device(device: str, where: str = "runtime.device") -> str:
     return device
 
 
-def current_device() -> str:
-    """``"cpu"`` or ``"cuda"`` (``set_device``)."""
-    return _device
-
-
 def torch_device():
     """The ``torch.device`` the PyTorch side runs on."""
     import torch
