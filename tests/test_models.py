@@ -163,21 +163,37 @@ def test_shapes_training_writes_a_checkpoint_that_loads_through_the_builtin_path
     from quant.pipeline import models
     from quant.pipeline.train_shapes import train
 
+    from safetensors.torch import load_file
+
+    # first a VAE-only checkpoint (--steps 0), then the denoisers on its VAE (--vae-from), with the
+    # architecture flags an experiment changes
+    vae_only = tmp_path / "vae-only"
+    train(vae_only, seed=0, vae_steps=2, vae_batch=1, dit_steps=0, dit_batch=2, seeds_per_spec=1, threads=2,
+          check_clips=2, vae_frame_steps=2, vae_frame_batch=2, edge_weight=0.5)
     out = tmp_path / "wan2.2-t2v-shapes"
     info = train(out, seed=0, vae_steps=2, vae_batch=1, dit_steps=2, dit_batch=2, seeds_per_spec=1, threads=2,
-                 check_clips=2, vae_frame_steps=2, vae_frame_batch=2, edge_weight=0.5)
+                 check_clips=2, vae_frame_steps=2, vae_frame_batch=2, edge_weight=0.5, vae_from=vae_only,
+                 patch=2, head_dim=32)
+    vae_file = "vae/diffusion_pytorch_model.safetensors"
+    first, second = load_file(str(vae_only / vae_file)), load_file(str(out / vae_file))
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the VAE taken as trained, unchanged
+    untrained = models.build_t2v_shapes_untrained(0, patch=2, head_dim=32)
+    vae_only_denoiser = load_file(str(vae_only / "transformer/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v, models.build_t2v_shapes_untrained(0).transformer.state_dict()[k])
+               for k, v in vae_only_denoiser.items())  # --steps 0 leaves the experts at their seed
     files = [p for p in out.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 5 * 2**20  # what the repository may carry
     assert {p.suffix for p in files} <= {".json", ".safetensors"}  # no pickle
-    assert info["edge_weight"] == 0.5
-    assert info["seed"] == 0 and info["vae_frame_steps"] == 2 and set(info["vae_reconstruction_adherence"]) == {"colour_ok", "shape_ok", "motion_ok", "ok"}
+    assert info["vae_from"] == str(vae_only) and info["vae_frame_steps"] == 0  # its VAE phases skipped
+    assert info["seed"] == 0 and set(info["vae_reconstruction_adherence"]) == {"colour_ok", "shape_ok", "motion_ok", "ok"}
+    assert info["patch"] == 2 and info["head_dim"] == 32
     monkeypatch.setattr(models, "SHAPES_WEIGHTS", out)
     model = load_model("wan2.2-t2v-shapes")
     assert model.source == "builtin" and model.fingerprint == load_model("wan2.2-t2v-shapes").fingerprint
     pipe = model.pipe
     assert type(pipe.transformer).__name__ == type(pipe.transformer_2).__name__ == "WanTransformer3DModel"
     assert pipe.config.boundary_ratio == 0.875 and pipe.vae.config.z_dim == 16
-    untrained = models.build_t2v_shapes_untrained(0)
+    assert tuple(pipe.transformer.config.patch_size) == (1, 2, 2) and pipe.transformer.config.attention_head_dim == 32
     for part in ("text_encoder", "transformer", "transformer_2", "vae"):  # every trained part moved from its seed
         start, trained = getattr(untrained, part).state_dict(), getattr(pipe, part).state_dict()
         assert any(not torch.equal(start[k], trained[k]) for k in start), part

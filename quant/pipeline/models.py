@@ -179,7 +179,7 @@ SHAPES_WEIGHTS = Path(__file__).resolve().parent / "weights" / SHAPES_MODEL
 SHAPES_TEXT_DIM = 64
 
 
-def build_t2v_shapes_untrained(seed: int = 0):
+def build_t2v_shapes_untrained(seed: int = 0, patch: int = 4, layers: int = 4, head_dim: int = 16):
     """The architecture of ``wan2.2-t2v-shapes`` with seeded, untrained weights (training starts here).
 
     Two experts (boundary 0.875) of 4 blocks at width 64, a 2-layer UMT5 encoder of width 64, the
@@ -187,6 +187,9 @@ def build_t2v_shapes_untrained(seed: int = 0):
     videos are 16x5x16x16 latents, patches of 4x4: 80 tokens. With the usual four stages (8x8
     latents) the decoder learnt colour but rounded shapes off (frame-0 shapes 40-73% right after
     600 steps); with three, 100% shapes and colours after 600 steps (README, Prompt adherence).
+
+    ``patch``, ``layers`` and ``head_dim`` (heads of ``head_dim`` in the width 64) are the experts'
+    knobs ``train_shapes --patch/--layers/--head-dim`` try; a checkpoint records what it used.
     """
     from diffusers import AutoencoderKLWan, WanPipeline
 
@@ -199,10 +202,10 @@ def build_t2v_shapes_untrained(seed: int = 0):
             latents_mean=[0.0] * 16, latents_std=[1.0] * 16, scale_factor_spatial=4,
         )),
         scheduler=_scheduler(flow_shift=3.0),
-        transformer=_seeded(seed + 3, lambda: _transformer(16, heads=4, head_dim=16, ffn_dim=128, layers=4,
-                                                           text_dim=SHAPES_TEXT_DIM, patch=4)),
-        transformer_2=_seeded(seed + 4, lambda: _transformer(16, heads=4, head_dim=16, ffn_dim=128, layers=4,
-                                                             text_dim=SHAPES_TEXT_DIM, patch=4)),
+        transformer=_seeded(seed + 3, lambda: _transformer(16, heads=64 // head_dim, head_dim=head_dim, ffn_dim=128,
+                                                           layers=layers, text_dim=SHAPES_TEXT_DIM, patch=patch)),
+        transformer_2=_seeded(seed + 4, lambda: _transformer(16, heads=64 // head_dim, head_dim=head_dim, ffn_dim=128,
+                                                             layers=layers, text_dim=SHAPES_TEXT_DIM, patch=patch)),
         boundary_ratio=0.875,
     )
 

@@ -234,7 +234,7 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
 def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, dit_batch: int,
           seeds_per_spec: int, threads: int | None, check_clips: int = 24, vae_frame_steps: int = 0,
           vae_frame_batch: int = 16, vae_lr: float = 3e-3, edge_weight: float = 0.0,
-          vae_from: Path | None = None, dit_lr: float = 1e-3) -> dict:
+          vae_from: Path | None = None, dit_lr: float = 1e-3, patch: int = 4, layers: int = 4, head_dim: int = 16) -> dict:
     """Train and write the checkpoint folder ``out`` (atomically); returns ``training.json``'s content.
 
     ``vae_from``: a checkpoint folder whose VAE is taken as trained (its VAE phases are skipped),
@@ -248,7 +248,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     started = time.monotonic()
-    pipe = build_t2v_shapes_untrained(seed)
+    pipe = build_t2v_shapes_untrained(seed, patch=patch, layers=layers, head_dim=head_dim)
     per_frame_temporal_init(pipe.vae)
     log: list = []
     if vae_from is not None:
@@ -273,7 +273,8 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     mean_t = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std_t = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
     latents = (raw - mean_t) / std_t  # what the pipeline's sampler works in
-    train_denoisers(pipe, latents, prompts, dit_steps, dit_batch, dit_lr, generator, rng, log)
+    if dit_steps:  # 0: a checkpoint whose VAE is trained, for --vae-from
+        train_denoisers(pipe, latents, prompts, dit_steps, dit_batch, dit_lr, generator, rng, log)
     seconds = time.monotonic() - started
     info = {
         "model": SHAPES_MODEL, "seed": seed, "vae_frame_steps": vae_frame_steps, "vae_frame_batch": vae_frame_batch,
@@ -281,7 +282,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
         "denoiser_steps": dit_steps, "denoiser_batch": dit_batch, "clips_per_combination": seeds_per_spec,
         "threads": torch.get_num_threads(), "seconds": round(seconds, 1), "vae_seconds": round(vae_seconds, 1),
         "vae_reconstruction_adherence": vae_check, "vae_from": str(vae_from) if vae_from else None, "denoiser_lr": dit_lr,
-        "versions": versions(), "log": log,
+        "patch": patch, "layers": layers, "head_dim": head_dim, "versions": versions(), "log": log,
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -322,11 +323,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3, help="denoisers' peak learning rate")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="take the VAE of this checkpoint folder as trained (skip the VAE phases)")
+    parser.add_argument("--patch", type=int, default=4, help="the experts' spatial patch (4: 16x16-pixel tokens, 80 per clip)")
+    parser.add_argument("--layers", type=int, default=4, help="blocks per expert")
+    parser.add_argument("--head-dim", type=int, default=16,
+                        help="the experts' attention head width (width 64 in 64 / head-dim heads); RoPE gives H and W "
+                             "2 * (head-dim // 6) dims each")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     info = train(args.out, args.seed, args.vae_steps, args.vae_batch, args.steps, args.batch, args.clips, args.threads,
                  vae_frame_steps=args.vae_frame_steps, vae_frame_batch=args.vae_frame_batch,
-                 vae_lr=args.vae_lr, edge_weight=args.edge_weight, vae_from=args.vae_from, dit_lr=args.lr)
+                 vae_lr=args.vae_lr, edge_weight=args.edge_weight, vae_from=args.vae_from, dit_lr=args.lr,
+                 patch=args.patch, layers=args.layers, head_dim=args.head_dim)
     print(f"wrote {args.out} in {info['seconds'] / 60:.1f} min")
     return 0
 
