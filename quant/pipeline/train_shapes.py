@@ -179,7 +179,10 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int, batch: int, lr: float,
-                    generator: torch.Generator, rng: np.random.Generator, log: list, ema_decay: float = 0.998) -> None:
+                    generator: torch.Generator, rng: np.random.Generator, log: list, ema_decay: float = 0.998,
+                    high_share: float = 0.5) -> None:
+    """Flow matching of the text encoder and both experts; ``high_share`` of each batch goes to the
+    high-noise expert (``transformer``), the rest to ``transformer_2``."""
     tokens = pipe.tokenizer(sorted(set(prompts)) + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True,
                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     index = {p: i for i, p in enumerate(sorted(set(prompts)) + [""])}
@@ -192,7 +195,7 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
         m.train().requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    half = batch // 2
+    half = min(max(1, round(batch * high_share)), batch - 1)  # the high-noise expert's part of a batch
     # Each expert samples its own range of shifted sigmas, sigma = s u / (1 + (s - 1) u) with u
     # uniform: u below u_b gives sigma below the pipeline's boundary, s u_b = b (1 + (s - 1) u_b).
     boundary, shift = pipe.config.boundary_ratio, pipe.scheduler.config.flow_shift
@@ -234,7 +237,8 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
 def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, dit_batch: int,
           seeds_per_spec: int, threads: int | None, check_clips: int = 24, vae_frame_steps: int = 0,
           vae_frame_batch: int = 16, vae_lr: float = 3e-3, edge_weight: float = 0.0,
-          vae_from: Path | None = None, dit_lr: float = 1e-3, patch: int = 4, layers: int = 4, head_dim: int = 16) -> dict:
+          vae_from: Path | None = None, dit_lr: float = 1e-3, patch: int = 4, layers: int = 4, head_dim: int = 16,
+          high_share: float = 0.5) -> dict:
     """Train and write the checkpoint folder ``out`` (atomically); returns ``training.json``'s content.
 
     ``vae_from``: a checkpoint folder whose VAE is taken as trained (its VAE phases are skipped),
@@ -274,7 +278,8 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     std_t = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
     latents = (raw - mean_t) / std_t  # what the pipeline's sampler works in
     if dit_steps:  # 0: a checkpoint whose VAE is trained, for --vae-from
-        train_denoisers(pipe, latents, prompts, dit_steps, dit_batch, dit_lr, generator, rng, log)
+        train_denoisers(pipe, latents, prompts, dit_steps, dit_batch, dit_lr, generator, rng, log,
+                        high_share=high_share)
     seconds = time.monotonic() - started
     info = {
         "model": SHAPES_MODEL, "seed": seed, "vae_frame_steps": vae_frame_steps, "vae_frame_batch": vae_frame_batch,
@@ -282,7 +287,8 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
         "denoiser_steps": dit_steps, "denoiser_batch": dit_batch, "clips_per_combination": seeds_per_spec,
         "threads": torch.get_num_threads(), "seconds": round(seconds, 1), "vae_seconds": round(vae_seconds, 1),
         "vae_reconstruction_adherence": vae_check, "vae_from": str(vae_from) if vae_from else None, "denoiser_lr": dit_lr,
-        "patch": patch, "layers": layers, "head_dim": head_dim, "versions": versions(), "log": log,
+        "patch": patch, "layers": layers, "head_dim": head_dim,
+        "high_noise_share": high_share, "versions": versions(), "log": log,
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -328,12 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=16,
                         help="the experts' attention head width (width 64 in 64 / head-dim heads); RoPE gives H and W "
                              "2 * (head-dim // 6) dims each")
+    parser.add_argument("--high-share", type=float, default=0.5,
+                        help="the share of each denoiser batch that trains the high-noise expert")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     info = train(args.out, args.seed, args.vae_steps, args.vae_batch, args.steps, args.batch, args.clips, args.threads,
                  vae_frame_steps=args.vae_frame_steps, vae_frame_batch=args.vae_frame_batch,
                  vae_lr=args.vae_lr, edge_weight=args.edge_weight, vae_from=args.vae_from, dit_lr=args.lr,
-                 patch=args.patch, layers=args.layers, head_dim=args.head_dim)
+                 patch=args.patch, layers=args.layers, head_dim=args.head_dim,
+                 high_share=args.high_share)
     print(f"wrote {args.out} in {info['seconds'] / 60:.1f} min")
     return 0
 
