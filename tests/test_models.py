@@ -246,3 +246,16 @@ def test_per_frame_init_sends_every_frame_down_the_first_frames_path():
     prepared = build_t2v_shapes_untrained(0).vae.eval()
     assert per_frame_temporal_init(prepared) > 0
     assert spread(raw) > 0.05 and spread(prepared) < 1e-5
+
+
+def test_training_schedule_runs_every_step_count():
+    """`--steps 20` once ended a run with ZeroDivisionError inside OneCycleLR (a one-step warm-up)."""
+    from quant.pipeline.train_shapes import one_cycle
+
+    for steps in range(2, 61):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        schedule = one_cycle(opt, 1e-3, steps)
+        for _ in range(steps):
+            opt.step()
+            schedule.step()
+        assert 0 < max(g["lr"] for g in opt.param_groups) < 1e-3

@@ -76,6 +76,13 @@ def _edge_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return sum((torch.diff(x, dim=d) - torch.diff(y, dim=d)).abs().mean() for d in (3, 4))
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """OneCycleLR with 5% warm-up. It divides by ``pct_start * steps - 1``, so at exactly 20 steps
+    (a warm-up of one step) the warm-up is made 6% instead of ending the run with ZeroDivisionError."""
+    pct = 0.05 if abs(0.05 * steps - 1.0) > 1e-9 else 0.06
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct)
+
+
 def per_frame_temporal_init(vae) -> int:
     """Start the causal VAE's temporal layers as per-frame ones; returns how many were set.
 
@@ -114,7 +121,7 @@ def train_vae(vae, steps: int, batch: int, lr: float, rng: np.random.Generator, 
               edge_weight: float = 0.0) -> None:
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    schedule = one_cycle(opt, lr, steps)
     for step in (bar := tqdm(range(steps), desc="vae", unit="step")):
         x = _to_tensor(_random_clips(rng, batch, frames=frames))
         z = vae.encode(x).latent_dist.mean
@@ -194,7 +201,7 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
     for m in modules.values():
         m.train().requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    schedule = one_cycle(opt, lr, steps)
     half = min(max(1, round(batch * high_share)), batch - 1)  # the high-noise expert's part of a batch
     # Each expert samples its own range of shifted sigmas, sigma = s u / (1 + (s - 1) u) with u
     # uniform: u below u_b gives sigma below the pipeline's boundary, s u_b = b (1 + (s - 1) u_b).
