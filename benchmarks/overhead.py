@@ -18,7 +18,8 @@ writes ``runs/<run-id>``) and sets, per stage group:
   one second; the report stage runs after ``finished`` is written).
 
 Stages a run reused from its cache are counted as reused, with their (small) wall time. No
-thresholds: compare the shares across commits. The CPU (``lscpu`` model name) is printed.
+thresholds: compare the shares across commits. The CPU is printed: the run's target's model name
+(``/proc/cpuinfo``, what ``lscpu`` shows), and this machine's where the kernels were re-timed.
 
 Usage::
 

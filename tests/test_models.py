@@ -179,8 +179,8 @@ def test_shapes_training_writes_a_checkpoint_that_loads_through_the_builtin_path
     assert all(torch.equal(first[k], second[k]) for k in first)  # the VAE taken as trained, unchanged
     untrained = models.build_t2v_shapes_untrained(0, patch=2, head_dim=32)
     vae_only_denoiser = load_file(str(vae_only / "transformer/diffusion_pytorch_model.safetensors"))
-    assert all(torch.equal(v, models.build_t2v_shapes_untrained(0).transformer.state_dict()[k])
-               for k, v in vae_only_denoiser.items())  # --steps 0 leaves the experts at their seed
+    seeded = models.build_t2v_shapes_untrained(0).transformer.state_dict()
+    assert all(torch.equal(v, seeded[k]) for k, v in vae_only_denoiser.items())  # --steps 0: experts at their seed
     files = [p for p in out.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 5 * 2**20  # what the repository may carry
     assert {p.suffix for p in files} <= {".json", ".safetensors"}  # no pickle
@@ -259,3 +259,16 @@ def test_training_schedule_runs_every_step_count():
             opt.step()
             schedule.step()
         assert 0 < max(g["lr"] for g in opt.param_groups) < 1e-3
+
+
+def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
+    """A head width that does not divide 64 would narrow the experts; a high-noise share outside
+    (0, 1) would starve one expert: both are refused by name."""
+    from quant.pipeline.models import build_t2v_shapes_untrained
+    from quant.pipeline.train_shapes import train_denoisers
+
+    with pytest.raises(ValueError, match="head_dim must divide the experts' width 64, got 24"):
+        build_t2v_shapes_untrained(0, head_dim=24)
+    for share in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=f"high_share must be between 0 and 1, got {share}"):
+            train_denoisers(None, None, [], 1, 2, 1e-3, None, None, [], high_share=share)

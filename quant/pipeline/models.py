@@ -177,6 +177,7 @@ def build_ti2v_tiny():
 SHAPES_MODEL = "wan2.2-t2v-shapes"
 SHAPES_WEIGHTS = Path(__file__).resolve().parent / "weights" / SHAPES_MODEL
 SHAPES_TEXT_DIM = 64
+SHAPES_DIT_WIDTH = 64  # the experts' hidden width: heads x head_dim
 
 
 def build_t2v_shapes_untrained(seed: int = 0, patch: int = 4, layers: int = 4, head_dim: int = 16):
@@ -190,8 +191,15 @@ def build_t2v_shapes_untrained(seed: int = 0, patch: int = 4, layers: int = 4, h
 
     ``patch``, ``layers`` and ``head_dim`` (heads of ``head_dim`` in the width 64) are the experts'
     knobs ``train_shapes --patch/--layers/--head-dim`` try; a checkpoint records what it used.
+
+    Raises:
+        ValueError: ``head_dim`` does not divide the width 64.
     """
     from diffusers import AutoencoderKLWan, WanPipeline
+
+    if head_dim <= 0 or SHAPES_DIT_WIDTH % head_dim:
+        raise ValueError(f"head_dim must divide the experts' width {SHAPES_DIT_WIDTH}, got {head_dim}")
+    heads = SHAPES_DIT_WIDTH // head_dim
 
     tokenizer = build_tokenizer()
     return WanPipeline(
@@ -202,9 +210,9 @@ def build_t2v_shapes_untrained(seed: int = 0, patch: int = 4, layers: int = 4, h
             latents_mean=[0.0] * 16, latents_std=[1.0] * 16, scale_factor_spatial=4,
         )),
         scheduler=_scheduler(flow_shift=3.0),
-        transformer=_seeded(seed + 3, lambda: _transformer(16, heads=64 // head_dim, head_dim=head_dim, ffn_dim=128,
+        transformer=_seeded(seed + 3, lambda: _transformer(16, heads=heads, head_dim=head_dim, ffn_dim=128,
                                                            layers=layers, text_dim=SHAPES_TEXT_DIM, patch=patch)),
-        transformer_2=_seeded(seed + 4, lambda: _transformer(16, heads=64 // head_dim, head_dim=head_dim, ffn_dim=128,
+        transformer_2=_seeded(seed + 4, lambda: _transformer(16, heads=heads, head_dim=head_dim, ffn_dim=128,
                                                              layers=layers, text_dim=SHAPES_TEXT_DIM, patch=patch)),
         boundary_ratio=0.875,
     )

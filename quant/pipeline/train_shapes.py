@@ -189,7 +189,9 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
                     generator: torch.Generator, rng: np.random.Generator, log: list, ema_decay: float = 0.998,
                     high_share: float = 0.5) -> None:
     """Flow matching of the text encoder and both experts; ``high_share`` of each batch goes to the
-    high-noise expert (``transformer``), the rest to ``transformer_2``."""
+    high-noise expert (``transformer``), the rest to ``transformer_2`` (each gets one sample at least)."""
+    if not 0.0 < high_share < 1.0:
+        raise ValueError(f"high_share must be between 0 and 1, got {high_share}")
     tokens = pipe.tokenizer(sorted(set(prompts)) + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True,
                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     index = {p: i for i, p in enumerate(sorted(set(prompts)) + [""])}
