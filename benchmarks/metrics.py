@@ -6,6 +6,8 @@ content, a noisy and slightly shifted candidate), so peak memory is measured sep
 is counted) with their default threading. Prints seconds per frame for each, the speed ratios,
 the peak resident memory above what the two uint8 videos take, and the largest disagreement with
 scikit-image on the frames both scored. The CPU (``lscpu`` model name) is printed and recorded.
+The three run in turn ``--rounds`` times (default 3) and the ratios are taken per round, so a
+slow spell of a shared machine hits all three alike; medians and ranges are printed.
 No thresholds: compare the ratio across commits. Results are also written to
 ``benchmarks/results/metrics-<time>.json``.
 
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 
@@ -124,6 +127,8 @@ def main() -> int:
     parser.add_argument("--skimage-frames", type=int, default=None, help="score only this many frames with scikit-image")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where ours runs: numba on the CPU, or PyTorch on the GPU")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="run the three in turn this many times; medians and per-round ratios are printed")
     parser.add_argument("--child", choices=["ours", "skimage", "ffmpeg"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -136,33 +141,51 @@ def main() -> int:
         if not torch.cuda.is_available():
             print(f"--device cuda: no CUDA device is visible to torch {torch.__version__}", file=sys.stderr)
             return 2
-    results = {}
-    for impl in ("ours", "skimage", "ffmpeg"):
-        cmd = [sys.executable, __file__, "--child", impl, "--frames", str(args.frames), "--height", str(args.height),
-               "--width", str(args.width), "--device", args.device] + (["--skimage-frames", str(args.skimage_frames)] if args.skimage_frames else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[impl] = json.loads(out.strip().splitlines()[-1])
+    rounds: list[dict] = []
+    for _ in range(args.rounds):  # alternated, so a slow spell of a shared machine hits every impl alike
+        results = {}
+        for impl in ("ours", "skimage", "ffmpeg"):
+            cmd = [sys.executable, __file__, "--child", impl, "--frames", str(args.frames), "--height", str(args.height),
+                   "--width", str(args.width), "--device", args.device] + (["--skimage-frames", str(args.skimage_frames)] if args.skimage_frames else [])
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[impl] = json.loads(out.strip().splitlines()[-1])
+        rounds.append(results)
+    results = rounds[0]
     ours, ref, ff = results["ours"], results["skimage"], results["ffmpeg"]
     both = min(ours["frames"], ref["frames"])
     ssim_err = max(abs(a - b) for a, b in zip(ours["ssim"][:both], ref["ssim"][:both]))
     psnr_err = max(abs(a - b) for a, b in zip(ours["psnr"][:both], ref["psnr"][:both]))
     float64_video_mb = args.frames * args.height * args.width * 3 * 8 / 2**20
+
+    def per_frame(impl: str) -> list[float]:
+        return [r[impl]["seconds_per_frame"] for r in rounds]
+
+    def ratios(impl: str) -> list[float]:
+        return [r[impl]["seconds_per_frame"] / r["ours"]["seconds_per_frame"] for r in rounds]
+
+    def spread(values: list[float], fmt: str) -> str:
+        return f"{format(median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
     print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} usable cores")
-    print(f"pair: {args.frames} frames of {args.width}x{args.height}; PSNR + SSIM (RGB) per frame; ours on {args.device}")
-    print(f"{'impl':10s} {'frames':>6s} {'s/frame':>9s} {'peak RSS MB':>12s} {'above videos MB':>16s}")
+    print(f"pair: {args.frames} frames of {args.width}x{args.height}; PSNR + SSIM (RGB) per frame; ours on {args.device}; "
+          f"{args.rounds} rounds, medians (min-max)")
+    print(f"{'impl':10s} {'frames':>6s} {'s/frame':>26s} {'peak RSS MB':>12s} {'above videos MB':>16s}")
     for r in (ours, ref, ff):
-        print(f"{r['impl']:10s} {r['frames']:6d} {r['seconds_per_frame']:9.4f} {r['peak_rss_mb']:12.0f} {r['extra_peak_mb']:16.0f}")
-    print(f"speed ratio (skimage / ours): {ref['seconds_per_frame'] / ours['seconds_per_frame']:.1f}x")
-    print(f"speed ratio (ffmpeg ssim+psnr filters / ours): {ff['seconds_per_frame'] / ours['seconds_per_frame']:.2f}x"
+        print(f"{r['impl']:10s} {r['frames']:6d} {spread(per_frame(r['impl']), '.4f'):>26s} {r['peak_rss_mb']:12.0f} "
+              f"{r['extra_peak_mb']:16.0f}")
+    print(f"speed ratio (skimage / ours), per round: {spread(ratios('skimage'), '.1f')}x")
+    print(f"speed ratio (ffmpeg ssim+psnr filters / ours), per round: {spread(ratios('ffmpeg'), '.2f')}x"
           " (ffmpeg's SSIM is an 8x8-block approximation; its time includes process start and reading raw files)")
     print(f"max |diff| on {both} frames: SSIM {ssim_err:.2e}, PSNR {psnr_err:.2e} dB")
     print(f"for scale: one float64 copy of a video is {float64_video_mb:.0f} MB")
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {k: {kk: vv for kk, vv in v.items() if kk not in ("psnr", "ssim")} for k, v in results.items()}
+    summary = [{k: {kk: vv for kk, vv in v.items() if kk not in ("psnr", "ssim")} for k, v in r.items()} for r in rounds]
     path = out_dir / f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "cpu": cpu_model(), "results": summary, "ssim_max_diff": ssim_err,
-                                "psnr_max_diff": psnr_err}, indent=2))
+    path.write_text(json.dumps({"args": vars(args), "cpu": cpu_model(), "rounds": summary,
+                                "ratio_skimage_median": median(ratios("skimage")),
+                                "ratio_ffmpeg_median": median(ratios("ffmpeg")),
+                                "ssim_max_diff": ssim_err, "psnr_max_diff": psnr_err}, indent=2))
     print(f"wrote {path}")
     return 0
 
