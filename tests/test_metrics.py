@@ -215,6 +215,21 @@ def test_the_pytorch_path_gives_the_numba_paths_numbers(kind, monkeypatch):
     np.testing.assert_allclose(ssim_frames(reference, candidate), expected, rtol=0, atol=1e-6)
 
 
+def test_ssim_rows_made_four_at_a_time_or_one_at_a_time_give_the_same_bits():
+    """The kernel makes output rows in groups of four and the rest of a strip one by one; how the
+    frame is cut into strips changes which rows go which way, and must change nothing else."""
+    rng = np.random.default_rng(7)
+    for height in range(11, 24):  # 1-13 valid rows: every remainder modulo four, strips shorter than a group
+        reference = rng.integers(0, 256, (height, 29, 3), dtype=np.uint8)
+        candidate = np.clip(reference.astype(int) + rng.integers(-40, 41, reference.shape), 0, 255).astype(np.uint8)
+        x, y = reference.reshape(height, -1), candidate.reshape(height, -1)
+        sums = [fused._ssim_sums(x, y, 3, fused._TAPS, blocks) for blocks in range(1, min(6, height - 9) + 1)]
+        for other in sums[1:]:
+            assert np.array_equal(other, sums[0]), height
+        np.testing.assert_allclose(fused.ssim_frame(reference, candidate).mean(), _sk_ssim(reference, candidate),
+                                   rtol=0, atol=1e-9)
+
+
 def test_ssim_does_not_depend_on_the_number_of_threads():
     import numba
 
