@@ -15,6 +15,7 @@ Usage::
 
     .venv/bin/python benchmarks/metrics.py                 # 81 frames of 1280x720
     .venv/bin/python benchmarks/metrics.py --frames 9      # quicker look
+    .venv/bin/python benchmarks/metrics.py --rounds 5      # five alternated rounds on a noisy machine
     .venv/bin/python benchmarks/metrics.py --device cuda   # ours through PyTorch on the GPU (metrics.torch_kernels)
 """
 
@@ -131,6 +132,8 @@ def main() -> int:
                         help="run the three in turn this many times; medians and per-round ratios are printed")
     parser.add_argument("--child", choices=["ours", "skimage", "ffmpeg"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.child:
         limit = args.frames if args.child != "skimage" or args.skimage_frames is None else args.skimage_frames
         print(json.dumps(run_child(args.child, args.frames, args.height, args.width, limit, args.device)))

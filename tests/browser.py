@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -94,9 +96,37 @@ class Page:
         try:
             self.ws.close()
         finally:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            _stop(self.proc)
             self.profile.cleanup()
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Kill Chromium and every process it started (its own session), and wait until none is left:
+    killing the browser process alone left renderers writing into the profile while it was being
+    removed (``OSError: Directory not empty: 'Default'``)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while _running_in_group(proc.pid):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"chromium's processes (group {proc.pid}) still running {timeout} s after SIGKILL")
+        time.sleep(0.05)
+
+
+def _running_in_group(group: int) -> bool:
+    """Whether a live (not zombie) process is in process group ``group`` (Linux ``/proc``; a zombie
+    waits for its reaper, which may not be ours, and writes nothing)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
 
 
 def _devtools_port(profile: Path, proc: subprocess.Popen, timeout: float = 30) -> int:
@@ -124,14 +154,14 @@ def open_page(path: Path, width: int = 1280, height: int = 900) -> Page:
          "--disable-background-networking", "--disable-extensions", "--disable-sync", "--hide-scrollbars",
          f"--user-data-dir={profile.name}", "--remote-debugging-port=0", f"--window-size={width},{height}",
          "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         port = _devtools_port(Path(profile.name), proc)
         targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
         target = next(t for t in targets if t.get("type") == "page")
         ws = websocket.create_connection(target["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
     except BaseException:
-        proc.kill()
+        _stop(proc)
         profile.cleanup()
         raise
     page = Page(proc, ws, profile)
