@@ -272,3 +272,30 @@ def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
     for share in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match=f"high_share must be between 0 and 1, got {share}"):
             train_denoisers(None, None, [], 1, 2, 1e-3, None, None, [], high_share=share)
+
+
+def test_vae_convolutions_run_through_onednn_and_trace_as_plain_convolutions(t2v):
+    """The eager reference takes oneDNN for the tiny VAE's 3-D convolutions (ATen would pick its slow
+    im2col path at this size), to 1e-5 of that path; a trace of the same module records plain
+    convolutions, so exported graphs keep an ONNX ``Conv``."""
+    from quant.pipeline.torch_modules import torch_module
+
+    convs = [m for m in t2v.pipe.vae.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all("_conv_forward" in vars(m) for m in convs)
+    conv = next(m for m in convs if m.kernel_size == (3, 3, 3) and m.in_channels == m.out_channels)
+    x = torch.randn(1, conv.in_channels, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autograd.profiler.profile() as eager:
+        ours = conv(x)
+    assert "aten::mkldnn_convolution" in {e.name for e in eager.function_events}
+    patched = vars(conv).pop("_conv_forward")
+    try:
+        with torch.no_grad():
+            plain = conv(x)  # torch.nn.Conv3d's own path
+    finally:
+        conv._conv_forward = patched
+    np.testing.assert_allclose(ours.numpy(), plain.numpy(), rtol=0, atol=1e-5)
+
+    latent = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    traced = torch.export.export(torch_module(t2v.pipe, "vae_decoder"), (latent,), strict=False)
+    ops = {str(node.target) for node in traced.graph.nodes if node.op == "call_function"}
+    assert not any("mkldnn" in op for op in ops) and any("conv" in op for op in ops)
