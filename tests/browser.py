@@ -149,12 +149,17 @@ def open_page(path: Path, width: int = 1280, height: int = 900) -> Page:
     if binary is None:
         raise RuntimeError("chromium not found; `make test` installs Debian's chromium package")
     profile = tempfile.TemporaryDirectory(prefix="qa-chromium-")
+    # Chromium's own temporary files (its singleton socket folder, org.chromium.Chromium.*) go
+    # inside the profile, so removing the profile removes them too
+    scratch = Path(profile.name) / "tmp"
+    scratch.mkdir()
     proc = subprocess.Popen(
         [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
          "--disable-background-networking", "--disable-extensions", "--disable-sync", "--hide-scrollbars",
          f"--user-data-dir={profile.name}", "--remote-debugging-port=0", f"--window-size={width},{height}",
          "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "TMPDIR": str(scratch)})
     try:
         port = _devtools_port(Path(profile.name), proc)
         targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
