@@ -334,3 +334,41 @@ def test_quantizing_one_module_keeps_the_others(t2v, quant_root):
     report = json.loads((quant_root / "quantization" / "int8.json").read_text())
     assert set(manifest["modules"]) == set(report["modules"]) == set(present_modules(t2v.pipe))
     assemble(t2v, parse_variant("int8", present_modules(t2v.pipe)), quant_root, SMALL)  # all four still listed
+
+
+def _calibrator_ranges(src: Path, reader) -> dict:
+    """onnxruntime's MinMax calibrator, as the fp16 guard called it before ``tensor_ranges``."""
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(str(src), op_types_to_calibrate=None, augmented_model_path=str(Path(tmp) / "aug.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax)
+        calibrator.collect_data(reader)
+        data = calibrator.compute_data()
+    return {name: (float(np.min(v.range_value[0])), float(np.max(v.range_value[1]))) for name, v in data.data.items()}
+
+
+def test_tensor_ranges_are_the_minmax_calibrators(t2v_quant, tmp_path):
+    """The fp16 guard's ranges: the same tensors and the same min/max as onnxruntime's MinMax
+    calibrator (which ``tensor_ranges`` replaces for speed), on a real module and its captured
+    inputs; a NaN stays NaN, so the guard keeps that node FP32."""
+    from quant.recipes.quantize import tensor_ranges
+    from quant.stages.calibrate import open_calibration
+
+    calibration = open_calibration(t2v_quant.root, t2v_quant.model)
+    src = t2v_quant.root / "onnx" / "fp32" / "transformer.onnx"
+    ours = tensor_ranges(src, lambda: calibration.reader("transformer"))
+    assert len(ours) > 100 and ours == _calibrator_ranges(src, calibration.reader("transformer"))
+
+    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"], name="log"), helper.make_node("Abs", ["y"], ["z"], name="abs")],
+                              "nan", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(tmp_path / "nan.onnx"))
+    inputs = [{"x": np.array([1.0, 2.0], np.float32)}, {"x": np.array([-1.0, 4.0], np.float32)}]
+    reader = lambda: NpzCalibrationReader([_npz(tmp_path, i, x) for i, x in enumerate(inputs)])  # noqa: E731
+    ranges = tensor_ranges(tmp_path / "nan.onnx", reader)
+    assert ranges["x"] == (-1.0, 4.0) and np.isnan(ranges["y"][0]) and np.isnan(ranges["z"][1])
+    expected = _calibrator_ranges(tmp_path / "nan.onnx", reader())
+    assert set(ranges) == set(expected) and all(np.isnan(ranges[k][0]) == np.isnan(expected[k][0]) for k in ranges)

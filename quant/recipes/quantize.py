@@ -5,8 +5,9 @@ recipe; adding a recipe adds a handler (``@register("name")``), not an ``if`` ch
 
 - ``fp16``: onnxruntime's float16 converter (``onnxruntime.transformers.float16``) with FP32
   inputs/outputs kept, behind an overflow guard: the FP32 graph runs on the calibration inputs
-  (onnxruntime's MinMax calibrator records every tensor's range), and nodes whose outputs leave
-  the FP16 range (|x| > 65504) stay FP32 (node block list, reported with the range seen).
+  (``tensor_ranges``: every tensor's range, selected and reduced as onnxruntime's MinMax
+  calibrator does, in linear time), and nodes whose outputs leave the FP16 range (|x| > 65504)
+  stay FP32 (node block list, reported with the range seen).
 - ``int8``: ``quantize_static`` in QDQ format, per-channel weights, calibration method
   ``minmax``/``entropy``/``percentile``; op types and node exclusions configurable. The graph
   is first cleaned of stale ``value_info`` and pre-processed (``quant_pre_process``), falling
