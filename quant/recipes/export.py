@@ -109,11 +109,12 @@ def optimize_graph(model) -> None:
     folding and its default rewrite rules, twice, then the clean-up passes; then its ONNX fusions), in
     place on ``model`` (an ``onnx_ir.Model``), without the ``SlicesSplit`` rule.
 
-    ``SlicesSplit`` (two Slices of one tensor along its last axis -> one Split) matches pairs of
-    Slices of the same tensor; on the unrolled VAE decoder's cache Slices that pairing took most
-    of the optimizer's time (8.5 of 12 s a pass on the ``inc-int8`` graph, measured) and rewrote
-    nothing: those Slices cut the time axis, not the last one. The passes are onnxscript 0.7's
-    ``optimize_ir`` with the rule list as a parameter, which it does not take.
+    ``SlicesSplit`` (two Slices halving a tensor's last axis -> one Split) is a two-node pattern
+    tried on pairs of Slices; on the unrolled VAE decoder's cache Slices that took most of the
+    optimizer's time (8.5 of 12 s a pass on the ``inc-int8`` graph, measured), and it rewrote
+    nothing in any of our exports (it wants Slices without steps; the exporter writes steps, and
+    these Slices cut the time axis). The passes are onnxscript 0.7's ``optimize_ir`` with the rule
+    list as a parameter, which it does not take (``tests/test_export.py`` compares the two).
     """
     import onnx_ir.passes.common as common
     from onnx_ir.passes import PassManager, Sequential
