@@ -353,7 +353,8 @@ def _calibrator_ranges(src: Path, reader) -> dict:
 def test_tensor_ranges_are_the_minmax_calibrators(t2v_quant, tmp_path):
     """The fp16 guard's ranges: the same tensors and the same min/max as onnxruntime's MinMax
     calibrator (which ``tensor_ranges`` replaces for speed), on a real module and its captured
-    inputs; a NaN stays NaN, so the guard keeps that node FP32."""
+    inputs; and its NaN rule: a sample whose tensor had a NaN does not count for that tensor, and a
+    tensor NaN in every sample stays NaN (so the guard keeps its node FP32)."""
     from quant.recipes.quantize import tensor_ranges
     from quant.stages.calibrate import open_calibration
 
@@ -366,9 +367,13 @@ def test_tensor_ranges_are_the_minmax_calibrators(t2v_quant, tmp_path):
                               "nan", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(tmp_path / "nan.onnx"))
-    inputs = [{"x": np.array([1.0, 2.0], np.float32)}, {"x": np.array([-1.0, 4.0], np.float32)}]
-    reader = lambda: NpzCalibrationReader([_npz(tmp_path, i, x) for i, x in enumerate(inputs)])  # noqa: E731
-    ranges = tensor_ranges(tmp_path / "nan.onnx", reader)
-    assert ranges["x"] == (-1.0, 4.0) and np.isnan(ranges["y"][0]) and np.isnan(ranges["z"][1])
-    expected = _calibrator_ranges(tmp_path / "nan.onnx", reader())
-    assert set(ranges) == set(expected) and all(np.isnan(ranges[k][0]) == np.isnan(expected[k][0]) for k in ranges)
+    samples = [_npz(tmp_path, i, {"x": np.array(x, np.float32)}) for i, x in enumerate(([1.0, 2.0], [-1.0, 4.0]))]
+    for used, y_range in ((samples, (0.0, np.log(2.0))), (samples[1:], (np.nan, np.nan))):
+        reader = lambda: NpzCalibrationReader(used)  # noqa: E731
+        ranges = tensor_ranges(tmp_path / "nan.onnx", reader)
+        np.testing.assert_allclose(ranges["y"], y_range, rtol=1e-6)
+        assert ranges["x"] == (min(np.load(p)["x"].min() for p in used), max(np.load(p)["x"].max() for p in used))
+        expected = _calibrator_ranges(tmp_path / "nan.onnx", reader())
+        assert set(ranges) == set(expected)
+        for name in ranges:
+            np.testing.assert_array_equal(ranges[name], expected[name])  # NaN equals NaN here

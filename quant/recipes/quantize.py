@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -214,8 +215,11 @@ def tensor_ranges(src: Path, calibration: ReaderFactory) -> dict[str, tuple[floa
                 highs[name].append(values[f"range_{i}_ReduceMax"])
     if not samples:
         raise UserError(f"{src}: no calibration samples for this module")
-    # np.min/np.max, as the calibrator's compute_data: a NaN seen anywhere stays NaN (the guard keeps it FP32)
-    return {name: (float(np.min(lows[name])), float(np.max(highs[name]))) for name in names}
+    # over the samples as the calibrator's compute_data does: nanmin/nanmax, so a sample whose tensor
+    # had a NaN does not count for it, and a tensor NaN in every sample stays NaN (the guard keeps it FP32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's "All-NaN slice encountered"
+        return {name: (float(np.nanmin(lows[name])), float(np.nanmax(highs[name]))) for name in names}
 
 
 def _sort_topologically(graph: onnx.GraphProto) -> None:
