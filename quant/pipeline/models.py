@@ -293,35 +293,29 @@ def _own_aligned_memory(pipe) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def use_onednn_conv3d(module: torch.nn.Module) -> int:
-    """Run every ``Conv3d`` of ``module`` through oneDNN in eager CPU float32 inference; returns how many.
+def use_onednn_conv3d(module: torch.nn.Module) -> None:
+    """Run every ``Conv3d`` of ``module`` through oneDNN in eager CPU float32 inference.
 
     ATen's heuristic (``ConvParams::use_mkldnn``) sends a batch-1 input whose N*C*T*H is at most
     20480 to ``slow_conv3d`` (im2col, then GEMM): every convolution of the tiny VAE decoder (16
-    channels, 64x64), none of a real Wan2.2's (96+ channels at 480p). There it was 69% of the
-    PyTorch VAE decode, 7x oneDNN's time on one such convolution ([1,16,3,66,66], 3x3x3: 5.4 vs
-    0.76 ms on 2 threads, measured). oneDNN computes the same convolution in another order, so the
-    reference differs from ``slow_conv3d``'s in the last bits, and is as repeatable.
-    Tracing (``torch.export``, INC's PT2E capture), autograd and other devices or dtypes take
-    ``torch.nn.Conv3d``'s own path, so exported graphs keep a plain ``Conv``.
+    channels, 64x64) and the experts' patch embedding, none of a real Wan2.2's VAE at 480p. In the
+    VAE it was 69% of the PyTorch decode, 7x oneDNN's time on one such convolution
+    ([1,16,3,66,66], 3x3x3: 5.4 vs 0.76 ms on 2 threads, measured). oneDNN computes the same
+    convolution in another order, so the reference differs from ``slow_conv3d``'s in the last bits,
+    and is as repeatable. Compiling, autograd and other devices or dtypes take ``torch.nn.Conv3d``'s
+    own path; traces record plain convolutions (``tests/test_models.py``), so exports keep ``Conv``.
     """
     if not torch.backends.mkldnn.is_available():
-        return 0
-    count = 0
+        return
     for conv in module.modules():
         if isinstance(conv, torch.nn.Conv3d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
             conv._conv_forward = _onednn_conv_forward.__get__(conv)
-            count += 1
-    return count
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a FakeTensor or FunctionalTensor of a trace
 
 
 def _onednn_conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if (type(x) is torch.Tensor and type(weight) in _PLAIN and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling() and torch.backends.mkldnn.enabled and x.dim() == 5):
+    if (x.dim() == 5 and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()):
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(self.padding), list(self.stride),
                                                  list(self.dilation), self.groups)
     return torch.nn.Conv3d._conv_forward(self, x, weight, bias)

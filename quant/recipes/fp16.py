@@ -1,8 +1,8 @@
 """``fp16``: onnxruntime's float16 converter with FP32 inputs/outputs kept, behind an overflow guard.
 
 The FP32 graph runs on the calibration inputs (``quant.recipes.quantize.tensor_ranges`` records
-every tensor's range as onnxruntime's MinMax calibrator would); nodes whose outputs (or inputs) leave the FP16 range (|x| > 65504) stay FP32,
-reported with the range seen.
+every tensor's range as onnxruntime's MinMax calibrator would); nodes whose outputs (or inputs)
+leave the FP16 range (|x| > 65504) stay FP32, reported with the range seen.
 
 Example::
 

@@ -206,10 +206,11 @@ def tensor_ranges(src: Path, calibration: ReaderFactory) -> dict[str, tuple[floa
         path = Path(tmp) / "ranges.onnx"
         onnx.save_model(model, str(path), save_as_external_data=_large(src), location="ranges.onnx.data")
         session = open_session(path, optimize=False)
+        outputs = [o.name for o in session.get_outputs()]
         samples = 0
         while (feeds := reader.get_next()) is not None:
             samples += 1
-            values = dict(zip([o.name for o in session.get_outputs()], run_session(session, feeds)))
+            values = dict(zip(outputs, run_session(session, feeds)))
             for i, name in enumerate(names):
                 lows[name].append(values[f"range_{i}_ReduceMin"])
                 highs[name].append(values[f"range_{i}_ReduceMax"])
