@@ -31,3 +31,14 @@ def test_ti2v_needs_multiples_of_32(ti2v, t2v):
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(UserError, match=field):
         GenerationSettings(**{field: value})
+
+
+def test_a_temporal_patch_needs_whole_tokens_of_latent_frames():
+    """Experts that patch 5 latent frames into one token take 17 frames (5 latent frames), not 9 (3)."""
+    from quant.pipeline.models import build_t2v_shapes_untrained
+
+    pipe = build_t2v_shapes_untrained(0, patch=2, temporal_patch=5)
+    GenerationSettings(num_frames=17).check_for(pipe)
+    with pytest.raises(UserError, match="num_frames 9 makes 3 latent frames, which must be a multiple of the "
+                                        "transformer's temporal patch 5 for this model, e.g. num_frames 17"):
+        GenerationSettings(num_frames=9).check_for(pipe)

@@ -106,11 +106,11 @@ def _text_encoder(vocab_size: int, d_model: int = _TEXT_DIM, d_ff: int = 64, lay
 
 
 def _transformer(channels: int, heads: int = 2, head_dim: int = 12, ffn_dim: int = 32, layers: int = 2,
-                 text_dim: int = _TEXT_DIM, patch: int = 2):
+                 text_dim: int = _TEXT_DIM, patch: int = 2, temporal_patch: int = 1):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
-        patch_size=(1, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
+        patch_size=(temporal_patch, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
         out_channels=channels, text_dim=text_dim, freq_dim=256, ffn_dim=ffn_dim, num_layers=layers,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     )
@@ -172,25 +172,31 @@ def build_ti2v_tiny():
 
 # wan2.2-t2v-shapes: the T2V-A14B shape, wider than wan2.2-t2v-tiny so that it can learn its
 # world, trained by `make weights` (quant/pipeline/train_shapes.py) into a diffusers checkpoint
-# folder inside the package. No weights are committed yet: the trained ones do not yet follow
-# their prompts (README, "Prompt adherence").
+# folder inside the package (committed: 3.6 MB of safetensors). The default audit's model.
 SHAPES_MODEL = "wan2.2-t2v-shapes"
 SHAPES_WEIGHTS = Path(__file__).resolve().parent / "weights" / SHAPES_MODEL
 SHAPES_TEXT_DIM = 64
 SHAPES_DIT_WIDTH = 64  # the experts' hidden width: heads x head_dim
 
 
-def build_t2v_shapes_untrained(seed: int = 0, patch: int = 4, layers: int = 4, head_dim: int = 16):
+def build_t2v_shapes_untrained(seed: int = 0, patch: int = 2, layers: int = 4, head_dim: int = 16,
+                               temporal_patch: int = 5):
     """The architecture of ``wan2.2-t2v-shapes`` with seeded, untrained weights (training starts here).
 
     Two experts (boundary 0.875) of 4 blocks at width 64, a 2-layer UMT5 encoder of width 64, the
     Wan 2.1 VAE at base width 16 with three stages (4x spatial, 4x temporal compression); 64x64x17
-    videos are 16x5x16x16 latents, patches of 4x4: 80 tokens. With the usual four stages (8x8
-    latents) the decoder learnt colour but rounded shapes off (frame-0 shapes 40-73% right after
-    600 steps); with three, 100% shapes and colours after 600 steps (README, Prompt adherence).
+    videos are 16x5x16x16 latents. With the usual four stages (8x8 latents) the decoder learnt
+    colour but rounded shapes off (frame-0 shapes 40-73% right after 600 steps); with three, 100%
+    shapes and colours after 600 steps (README, Prompt adherence).
 
-    ``patch``, ``layers`` and ``head_dim`` (heads of ``head_dim`` in the width 64) are the experts'
-    knobs ``train_shapes --patch/--layers/--head-dim`` try; a checkpoint records what it used.
+    The experts' patches are 5x2x2 (``temporal_patch`` 5): one token holds a 2x2 latent place in all
+    five latent frames, 64 tokens a clip. Wan2.2's are 1x2x2; with one token per latent frame the
+    experts never learnt one object moving coherently across frames (motion 12-31% over every
+    run), with a token spanning the frames they did in the first run (94%): the move is then the
+    token's own output, not something attention between frames must learn at this size.
+
+    ``patch``, ``temporal_patch``, ``layers`` and ``head_dim`` (heads of ``head_dim`` in the width
+    64) are the experts' knobs ``train_shapes`` tries; a checkpoint records what it used.
 
     Raises:
         ValueError: ``head_dim`` does not divide the width 64.
@@ -211,9 +217,11 @@ def build_t2v_shapes_untrained(seed: int = 0, patch: int = 4, layers: int = 4, h
         )),
         scheduler=_scheduler(flow_shift=3.0),
         transformer=_seeded(seed + 3, lambda: _transformer(16, heads=heads, head_dim=head_dim, ffn_dim=128,
-                                                           layers=layers, text_dim=SHAPES_TEXT_DIM, patch=patch)),
+                                                           layers=layers, text_dim=SHAPES_TEXT_DIM, patch=patch,
+                                                           temporal_patch=temporal_patch)),
         transformer_2=_seeded(seed + 4, lambda: _transformer(16, heads=heads, head_dim=head_dim, ffn_dim=128,
-                                                             layers=layers, text_dim=SHAPES_TEXT_DIM, patch=patch)),
+                                                             layers=layers, text_dim=SHAPES_TEXT_DIM, patch=patch,
+                                                             temporal_patch=temporal_patch)),
         boundary_ratio=0.875,
     )
 

@@ -55,7 +55,8 @@ class GenerationSettings:
 
         Rules (as ``WanPipeline`` applies them): height and width are multiples of the VAE's
         spatial factor times the transformer's spatial patch, and of 16; ``num_frames - 1`` is a
-        multiple of the VAE's temporal factor.
+        multiple of the VAE's temporal factor, and the latent frames it makes a multiple of the
+        transformer's temporal patch.
         """
         denoiser = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
         patch = tuple(denoiser.config.patch_size)
@@ -74,6 +75,14 @@ class GenerationSettings:
                 f"num_frames {self.num_frames} must be {temporal}*k+1 for this model "
                 f"(VAE temporal factor {temporal}), e.g. {temporal * ((self.num_frames - 1) // temporal) + 1} "
                 f"or {temporal * ((self.num_frames - 1) // temporal + 1) + 1}"
+            )
+        latent_frames = (self.num_frames - 1) // temporal + 1
+        if latent_frames % patch[0]:
+            k = temporal * patch[0]
+            raise UserError(
+                f"num_frames {self.num_frames} makes {latent_frames} latent frames, which must be a multiple of "
+                f"the transformer's temporal patch {patch[0]} for this model, e.g. num_frames "
+                f"{k * max(1, latent_frames // patch[0]) - temporal + 1}"
             )
 
     def to_dict(self) -> dict:

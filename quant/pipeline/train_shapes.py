@@ -12,7 +12,11 @@ Two phases, both on CPU:
    rendered 17-frame clips: each expert on its own timestep range (``transformer`` above the
    boundary 0.875, ``transformer_2`` below), as Wan2.2's are; 10% of prompts dropped to ``""``
    so classifier-free guidance has an unconditional model. The experts' and encoder's weights
-   are exponential moving averages.
+   are exponential moving averages. The experts patch 5x2x2 (every latent frame of a place in
+   one token), which is what made their objects move coherently (``build_t2v_shapes_untrained``).
+
+The defaults are the committed checkpoint's recipe: ``make weights`` (seed 0) retrains it, 34 min
+on 2 cores (Xeon, AVX-512).
 
 The result is a diffusers checkpoint folder (safetensors) with ``training.json`` (seed, steps,
 losses, versions, time). Usage::
@@ -185,11 +189,45 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1.0 - decay)
 
 
+def posterior_x0(xt: torch.Tensor, sigma: torch.Tensor, own: torch.Tensor, latents: torch.Tensor,
+                 groups: list[torch.Tensor]) -> torch.Tensor:
+    """E[x0 | x_t] over a reference set: the stable-target-field estimate of the clean latents.
+
+    For sample ``i`` (noised ``x_t = (1 - s) x0 + s n`` from ``latents[own[i]]``), the references are
+    ``latents[groups[i]]`` (the clips of the same prompt; ``own[i]`` among them), weighted by the
+    likelihood of ``x_t`` under each: ``w_j ~ exp(-|x_t - (1 - s) x0_j|^2 / 2 s^2)``. Near pure noise
+    the plain target ``n - x0`` is mostly noise: one clip out of every trajectory the prompt allows.
+    This one is what a perfect denoiser outputs, a trajectory-wise average over whole clips, so the
+    experts learn from it at a fraction of the variance (Xu et al., 2023, "Stable Target Field for
+    Reduced Variance Score Estimation in Diffusion Models"). At low noise it is ``x0`` itself.
+
+    Args:
+        xt: ``[B, C, T, H, W]`` noised latents; sigma: ``[B]``; own: ``[B]`` indices into ``latents``.
+        groups: per sample, a 1-D index tensor of reference clips that contains ``own[i]``.
+    Returns:
+        ``[B, C, T, H, W]`` posterior means.
+    """
+    out = torch.empty_like(xt)
+    for i in range(xt.shape[0]):
+        refs = latents[groups[i]]
+        s = float(sigma[i])
+        d = (xt[i].unsqueeze(0) - (1.0 - s) * refs).flatten(1).pow(2).sum(1)
+        w = torch.softmax(-d / (2.0 * s * s), dim=0)
+        out[i] = torch.einsum("j,j...->...", w, refs)
+    return out
+
+
 def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int, batch: int, lr: float,
                     generator: torch.Generator, rng: np.random.Generator, log: list, ema_decay: float = 0.998,
-                    high_share: float = 0.5) -> None:
+                    high_share: float = 0.5, target: str = "sample", unconditional_refs: int = 512) -> None:
     """Flow matching of the text encoder and both experts; ``high_share`` of each batch goes to the
-    high-noise expert (``transformer``), the rest to ``transformer_2`` (each gets one sample at least)."""
+    high-noise expert (``transformer``), the rest to ``transformer_2`` (each gets one sample at least).
+
+    ``target``: ``"stf"`` regresses on ``(x_t - E[x0 | x_t]) / sigma`` with the posterior over the
+    clips of the same prompt (:func:`posterior_x0`; ``unconditional_refs`` random clips, the sample's
+    own among them, for the dropped prompts); ``"sample"`` on the usual ``noise - x0``."""
+    if target not in ("stf", "sample"):
+        raise ValueError(f"target must be 'stf' or 'sample', got {target!r}")
     if not 0.0 < high_share < 1.0:
         raise ValueError(f"high_share must be between 0 and 1, got {high_share}")
     tokens = pipe.tokenizer(sorted(set(prompts)) + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True,
@@ -197,6 +235,7 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
     index = {p: i for i, p in enumerate(sorted(set(prompts)) + [""])}
     prompt_rows = torch.tensor([index[p] for p in prompts])
     empty_row = index[""]
+    by_row = {int(r): torch.nonzero(prompt_rows == r).flatten() for r in prompt_rows.unique()}
     modules = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
     emas = {name: copy.deepcopy(m).eval().requires_grad_(False) for name, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
@@ -222,12 +261,23 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
         noise = torch.randn(x0.shape, generator=generator)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
-        target = noise - x0
+        if target == "stf":
+            groups = []
+            for i, row in zip(pick.tolist(), rows.tolist()):
+                if row == empty_row:  # unconditional: a random subset of all clips, this one included
+                    others = torch.from_numpy(rng.choice(len(latents), size=min(unconditional_refs, len(latents)),
+                                                         replace=False))
+                    groups.append(torch.cat([torch.tensor([i]), others[others != i]]))
+                else:
+                    groups.append(by_row[row])
+            goal = (xt - posterior_x0(xt, sigma, pick, latents, groups)) / s
+        else:
+            goal = noise - x0
         loss = 0.0
         for name, part in (("transformer", slice(0, half)), ("transformer_2", slice(half, batch))):
             pred = modules[name](hidden_states=xt[part], timestep=sigma[part] * 1000, encoder_hidden_states=emb[part],
                                  return_dict=False)[0]
-            loss = loss + F.mse_loss(pred, target[part]) / 2
+            loss = loss + F.mse_loss(pred, goal[part]) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -246,8 +296,8 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
 def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, dit_batch: int,
           seeds_per_spec: int, threads: int | None, check_clips: int = 24, vae_frame_steps: int = 0,
           vae_frame_batch: int = 16, vae_lr: float = 3e-3, edge_weight: float = 0.0,
-          vae_from: Path | None = None, dit_lr: float = 1e-3, patch: int = 4, layers: int = 4, head_dim: int = 16,
-          high_share: float = 0.5) -> dict:
+          vae_from: Path | None = None, dit_lr: float = 1e-3, patch: int = 2, layers: int = 4, head_dim: int = 16,
+          high_share: float = 0.5, target: str = "sample", temporal_patch: int = 5) -> dict:
     """Train and write the checkpoint folder ``out`` (atomically); returns ``training.json``'s content.
 
     ``vae_from``: a checkpoint folder whose VAE is taken as trained (its VAE phases are skipped),
@@ -261,7 +311,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     started = time.monotonic()
-    pipe = build_t2v_shapes_untrained(seed, patch=patch, layers=layers, head_dim=head_dim)
+    pipe = build_t2v_shapes_untrained(seed, patch=patch, layers=layers, head_dim=head_dim, temporal_patch=temporal_patch)
     per_frame_temporal_init(pipe.vae)
     log: list = []
     if vae_from is not None:
@@ -288,7 +338,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     latents = (raw - mean_t) / std_t  # what the pipeline's sampler works in
     if dit_steps:  # 0: a checkpoint whose VAE is trained, for --vae-from
         train_denoisers(pipe, latents, prompts, dit_steps, dit_batch, dit_lr, generator, rng, log,
-                        high_share=high_share)
+                        high_share=high_share, target=target)
     seconds = time.monotonic() - started
     info = {
         "model": SHAPES_MODEL, "seed": seed, "vae_frame_steps": vae_frame_steps, "vae_frame_batch": vae_frame_batch,
@@ -296,8 +346,8 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
         "denoiser_steps": dit_steps, "denoiser_batch": dit_batch, "clips_per_combination": seeds_per_spec,
         "threads": torch.get_num_threads(), "seconds": round(seconds, 1), "vae_seconds": round(vae_seconds, 1),
         "vae_reconstruction_adherence": vae_check, "vae_from": str(vae_from) if vae_from else None, "denoiser_lr": dit_lr,
-        "patch": patch, "layers": layers, "head_dim": head_dim,
-        "high_noise_share": high_share, "versions": versions(), "log": log,
+        "patch": patch, "temporal_patch": temporal_patch, "layers": layers, "head_dim": head_dim,
+        "high_noise_share": high_share, "denoiser_target": target, "versions": versions(), "log": log,
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -332,26 +382,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the 9-frame VAE phase")
     parser.add_argument("--edge-weight", type=float, default=0.0,
                         help="VAE loss: + this x L1 of image gradients (0.5 took frame-0 shape from 40%% to 73%%)")
-    parser.add_argument("--steps", type=int, default=4000, help="denoiser steps")
+    parser.add_argument("--steps", type=int, default=10000, help="denoiser steps")
     parser.add_argument("--batch", type=int, default=48, help="denoiser batch (half per expert)")
-    parser.add_argument("--clips", type=int, default=8, help="rendered clips per combination for the denoisers")
+    parser.add_argument("--clips", type=int, default=16, help="rendered clips per combination for the denoisers")
     parser.add_argument("--lr", type=float, default=1e-3, help="denoisers' peak learning rate")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="take the VAE of this checkpoint folder as trained (skip the VAE phases)")
-    parser.add_argument("--patch", type=int, default=4, help="the experts' spatial patch (4: 16x16-pixel tokens, 80 per clip)")
+    parser.add_argument("--patch", type=int, default=2, help="the experts' spatial patch (2: 8x8-pixel tokens)")
+    parser.add_argument("--temporal-patch", type=int, default=5,
+                        help="the experts' patch along latent frames (5: one token spans all five latent frames of its place)")
     parser.add_argument("--layers", type=int, default=4, help="blocks per expert")
     parser.add_argument("--head-dim", type=int, default=16,
                         help="the experts' attention head width (width 64 in 64 / head-dim heads); RoPE gives H and W "
                              "2 * (head-dim // 6) dims each")
     parser.add_argument("--high-share", type=float, default=0.5,
                         help="the share of each denoiser batch that trains the high-noise expert")
+    parser.add_argument("--target", choices=("stf", "sample"), default="sample",
+                        help="denoiser regression target: stf (posterior mean over the prompt's clips) or sample (noise - x0)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     info = train(args.out, args.seed, args.vae_steps, args.vae_batch, args.steps, args.batch, args.clips, args.threads,
                  vae_frame_steps=args.vae_frame_steps, vae_frame_batch=args.vae_frame_batch,
                  vae_lr=args.vae_lr, edge_weight=args.edge_weight, vae_from=args.vae_from, dit_lr=args.lr,
                  patch=args.patch, layers=args.layers, head_dim=args.head_dim,
-                 high_share=args.high_share)
+                 high_share=args.high_share, target=args.target, temporal_patch=args.temporal_patch)
     print(f"wrote {args.out} in {info['seconds'] / 60:.1f} min")
     return 0
 
