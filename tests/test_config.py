@@ -15,14 +15,17 @@ MODULES = ["text_encoder", "transformer", "transformer_2", "vae_decoder"]
 
 def test_repository_audit_toml_is_the_default_and_round_trips(tmp_path):
     config = load_config(DEFAULT_CONFIG)
-    assert config.model == "wan2.2-t2v-tiny" and config.seeds == (0, 1)
+    # the shipped audit is the trained shapes model on its own prompt files; a config that names no
+    # model gets the code's default, the seeded tiny one (fast, the subcommands' default too)
+    assert config.model == "wan2.2-t2v-shapes" and config.seeds == (0, 1)
+    assert config.eval_prompts.name == "shapes_eval.txt" and config.calibration_prompts.name == "shapes_calibration.txt"
     from quant.pipeline.models import DEFAULT_MODEL
 
-    assert AuditConfig().model == DEFAULT_MODEL  # written out in config.py so that it need not import torch
+    assert AuditConfig().model == DEFAULT_MODEL == "wan2.2-t2v-tiny"  # written out in config.py: no torch import
     assert config.variants == ("onnx", "fp16", "int8", "int8-dynamic", "inc-int8", "mixed")
     # the defaults in code agree with the file (nothing drifts apart)
     defaults = AuditConfig()
-    for name in ("model", "settings", "seeds", "recipes", "variants", "mixes", "calibration_samples", "int8_method",
+    for name in ("settings", "seeds", "recipes", "variants", "mixes", "calibration_samples", "int8_method",
                  "int8_reduce_range", "int8_activation_type", "threads", "floor"):
         assert getattr(config, name) == getattr(defaults, name), name
     assert config.emulate == ("avx2", "vnni")
