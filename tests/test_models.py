@@ -78,7 +78,6 @@ import hashlib, sys
 from quant.pipeline.models import load_model
 from quant.pipeline.sampling import generate_video
 from quant.pipeline.settings import GenerationSettings
-from quant.pipeline.settings import GenerationSettings
 from quant.support.target import set_threads
 set_threads(int(sys.argv[1]))
 video = generate_video(load_model("wan2.2-t2v-tiny").pipe, sys.argv[2], 0, GenerationSettings(height=32, width=32, num_frames=5))
@@ -351,7 +350,6 @@ def test_shipped_shapes_weights_load_and_follow_their_prompts():
     from metrics.shapes_world import parse_prompt
     from quant.pipeline import models
     from quant.pipeline.prompts import read_prompts
-    from quant.pipeline.sampling import generate_video
 
     files = [p for p in models.SHAPES_WEIGHTS.rglob("*") if p.is_file()]
     assert {p.suffix for p in files} == {".json", ".safetensors"}
