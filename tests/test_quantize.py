@@ -377,3 +377,22 @@ def test_tensor_ranges_are_the_minmax_calibrators(t2v_quant, tmp_path):
         assert set(ranges) == set(expected)
         for name in ranges:
             np.testing.assert_array_equal(ranges[name], expected[name])  # NaN equals NaN here
+
+
+def test_tensor_ranges_leave_other_audits_files_beside_the_model_alone(tmp_path):
+    """Two audits of one model file at once (two CI jobs): onnxruntime's shape-inference loader writes
+    and then deletes ``<stem>-inferred.onnx`` beside the model, the other job's file included (one
+    job ended with FileNotFoundError). Ours uses a name of its own and leaves nothing behind."""
+    from quant.recipes.quantize import tensor_ranges
+
+    graph = helper.make_graph([helper.make_node("Abs", ["x"], ["y"], name="abs")], "abs",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(model))
+    theirs = tmp_path / "m-inferred.onnx"  # what a concurrent onnxruntime load holds at this moment
+    theirs.write_bytes(b"another job's file")
+    sample = _npz(tmp_path, 0, {"x": np.array([-3.0, 2.0], np.float32)})
+    assert tensor_ranges(model, lambda: NpzCalibrationReader([sample]))["y"] == (2.0, 3.0)
+    assert theirs.read_bytes() == b"another job's file"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".onnx") == ["m-inferred.onnx", "m.onnx"]

@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -165,6 +166,27 @@ def _large(model_or_path) -> bool:
     return onnx_size_bytes(Path(model_or_path)) >= EXTERNAL_DATA_BYTES
 
 
+def _load_with_shape_infer(src: Path) -> onnx.ModelProto:
+    """onnxruntime's ``load_model_with_shape_infer`` with a file name of this call's own.
+
+    The inferred graph is written beside ``src`` (its external data paths are relative to it), but
+    onnxruntime names it ``<stem>-inferred.onnx`` and deletes it after loading: two audits of the
+    same file at once (two CI jobs on one shared model) deleted each other's, and one of them ended
+    with FileNotFoundError. A unique hidden name, removed however the load ends, keeps the rest.
+    """
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    handle, name = tempfile.mkstemp(prefix=f".{src.stem}-inferred-", suffix=".onnx", dir=src.parent)
+    os.close(handle)
+    try:
+        onnx.shape_inference.infer_shapes_path(str(src), name)
+        model = onnx.load(name)
+    finally:
+        os.unlink(name)
+    add_infer_metadata(model)
+    return model
+
+
 def tensor_ranges(src: Path, calibration: ReaderFactory) -> dict[str, tuple[float, float]]:
     """Min and max of every float tensor of ``src`` over the calibration inputs.
 
@@ -177,11 +199,10 @@ def tensor_ranges(src: Path, calibration: ReaderFactory) -> dict[str, tuple[floa
     pairs are appended after the last node (still topological order) in one pass.
     """
     from onnx import TensorProto, helper
-    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
     from quant.pipeline.ort_modules import open_session, run_session
 
-    model = load_model_with_shape_infer(Path(src))
+    model = _load_with_shape_infer(Path(src))
     graph = model.graph
     infos = {vi.name: vi for vi in list(graph.value_info) + list(graph.output) + list(graph.input)}
     initializers = {init.name for init in graph.initializer}
