@@ -344,7 +344,7 @@ def test_stable_target_is_the_posterior_mean_over_the_prompts_clips():
 def test_shipped_shapes_weights_load_and_follow_their_prompts():
     """The checkpoint in the package: safetensors only, within the repository's 5 MB, loaded through
     the built-in name, and its FP32 videos of the eval prompts (the audit's settings) show the asked
-    colour and motion. The shipped model reaches 15 of 16 on each (README, Prompt adherence); the
+    colour and motion. The shipped model reaches 16 and 15 of 16 (README, Prompt adherence); the
     bound leaves room for a CPU whose float kernels round differently to flip a borderline video."""
     from metrics.adherence import judge_video
     from metrics.shapes_world import parse_prompt

@@ -172,18 +172,18 @@ def build_ti2v_tiny():
 
 # wan2.2-t2v-shapes: the T2V-A14B shape, wider than wan2.2-t2v-tiny so that it can learn its
 # world, trained by `make weights` (quant/pipeline/train_shapes.py) into a diffusers checkpoint
-# folder inside the package (committed: 3.6 MB of safetensors). The default audit's model.
+# folder inside the package (committed: 4.5 MB of safetensors). The default audit's model.
 SHAPES_MODEL = "wan2.2-t2v-shapes"
 SHAPES_WEIGHTS = Path(__file__).resolve().parent / "weights" / SHAPES_MODEL
 SHAPES_TEXT_DIM = 64
 SHAPES_DIT_WIDTH = 64  # the experts' hidden width: heads x head_dim
 
 
-def build_t2v_shapes_untrained(seed: int = 0, patch: int = 2, layers: int = 4, head_dim: int = 16,
+def build_t2v_shapes_untrained(seed: int = 0, patch: int = 2, layers: int = 6, head_dim: int = 16,
                                temporal_patch: int = 5):
     """The architecture of ``wan2.2-t2v-shapes`` with seeded, untrained weights (training starts here).
 
-    Two experts (boundary 0.875) of 4 blocks at width 64, a 2-layer UMT5 encoder of width 64, the
+    Two experts (boundary 0.875) of 6 blocks at width 64, a 2-layer UMT5 encoder of width 64, the
     Wan 2.1 VAE at base width 16 with three stages (4x spatial, 4x temporal compression); 64x64x17
     videos are 16x5x16x16 latents. With the usual four stages (8x8 latents) the decoder learnt
     colour but rounded shapes off (frame-0 shapes 40-73% right after 600 steps); with three, 100%

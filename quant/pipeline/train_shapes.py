@@ -15,8 +15,9 @@ Two phases, both on CPU:
    are exponential moving averages. The experts patch 5x2x2 (every latent frame of a place in
    one token), which is what made their objects move coherently (``build_t2v_shapes_untrained``).
 
-The defaults are the committed checkpoint's recipe: ``make weights`` (seed 0) retrains it, 34 min
-on 2 cores (Xeon, AVX-512).
+The defaults are the committed checkpoint's recipe (6 blocks per expert, 9000 denoiser steps):
+``make weights`` (seed 0) retrains it, 36.6 min on 2 cores (Xeon, AVX-512; its VAE came out bit for
+bit the committed one's).
 
 The result is a diffusers checkpoint folder (safetensors) with ``training.json`` (seed, steps,
 losses, versions, time). Usage::
@@ -197,9 +198,10 @@ def posterior_x0(xt: torch.Tensor, sigma: torch.Tensor, own: torch.Tensor, laten
     ``latents[groups[i]]`` (the clips of the same prompt; ``own[i]`` among them), weighted by the
     likelihood of ``x_t`` under each: ``w_j ~ exp(-|x_t - (1 - s) x0_j|^2 / 2 s^2)``. Near pure noise
     the plain target ``n - x0`` is mostly noise: one clip out of every trajectory the prompt allows.
-    This one is what a perfect denoiser outputs, a trajectory-wise average over whole clips, so the
-    experts learn from it at a fraction of the variance (Xu et al., 2023, "Stable Target Field for
-    Reduced Variance Score Estimation in Diffusion Models"). At low noise it is ``x0`` itself.
+    This one is what a perfect denoiser outputs, a trajectory-wise average over whole clips, meant to
+    let the experts learn at a fraction of the variance (Xu et al., 2023, "Stable Target Field for
+    Reduced Variance Score Estimation in Diffusion Models"). At low noise it is ``x0`` itself. The one
+    run with it (``--target stf``, README "Prompt adherence") came out worse than the plain target.
 
     Args:
         xt: ``[B, C, T, H, W]`` noised latents; sigma: ``[B]``; own: ``[B]`` indices into ``latents``.
@@ -296,7 +298,7 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
 def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, dit_batch: int,
           seeds_per_spec: int, threads: int | None, check_clips: int = 24, vae_frame_steps: int = 0,
           vae_frame_batch: int = 16, vae_lr: float = 3e-3, edge_weight: float = 0.0,
-          vae_from: Path | None = None, dit_lr: float = 1e-3, patch: int = 2, layers: int = 4, head_dim: int = 16,
+          vae_from: Path | None = None, dit_lr: float = 1e-3, patch: int = 2, layers: int = 6, head_dim: int = 16,
           high_share: float = 0.5, target: str = "sample", temporal_patch: int = 5) -> dict:
     """Train and write the checkpoint folder ``out`` (atomically); returns ``training.json``'s content.
 
@@ -382,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the 9-frame VAE phase")
     parser.add_argument("--edge-weight", type=float, default=0.0,
                         help="VAE loss: + this x L1 of image gradients (0.5 took frame-0 shape from 40%% to 73%%)")
-    parser.add_argument("--steps", type=int, default=10000, help="denoiser steps")
+    parser.add_argument("--steps", type=int, default=9000, help="denoiser steps")
     parser.add_argument("--batch", type=int, default=48, help="denoiser batch (half per expert)")
     parser.add_argument("--clips", type=int, default=16, help="rendered clips per combination for the denoisers")
     parser.add_argument("--lr", type=float, default=1e-3, help="denoisers' peak learning rate")
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch", type=int, default=2, help="the experts' spatial patch (2: 8x8-pixel tokens)")
     parser.add_argument("--temporal-patch", type=int, default=5,
                         help="the experts' patch along latent frames (5: one token spans all five latent frames of its place)")
-    parser.add_argument("--layers", type=int, default=4, help="blocks per expert")
+    parser.add_argument("--layers", type=int, default=6, help="blocks per expert")
     parser.add_argument("--head-dim", type=int, default=16,
                         help="the experts' attention head width (width 64 in 64 / head-dim heads); RoPE gives H and W "
                              "2 * (head-dim // 6) dims each")
