@@ -306,6 +306,35 @@ def test_vae_convolutions_run_through_onednn_and_trace_as_plain_convolutions(t2v
     assert not any("mkldnn" in op for op in ops) and any("conv" in op for op in ops)
 
 
+def test_vae_norms_take_a_sum_of_squares_eagerly_and_trace_as_diffusers_norm(t2v):
+    """The eager reference computes the VAE's RMS-norm lengths by a vectorised sum of squares
+    (ATen's ``linalg_vector_norm`` over channels is unvectorised), within 1e-6 of diffusers' own
+    ``F.normalize``; with gradients it is diffusers' path, and a trace records ``linalg_vector_norm``,
+    so exported graphs keep their ``ReduceL2``."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    from quant.pipeline.torch_modules import torch_module
+
+    norms = [m for m in t2v.pipe.vae.modules() if isinstance(m, WanRMS_norm)]
+    assert norms and all("forward" in vars(m) for m in norms)
+    norm = norms[0]
+    x = torch.randn(1, norm.gamma.shape[0], 3, 20, 20, generator=torch.Generator().manual_seed(0)) * 50
+    with torch.no_grad(), torch.autograd.profiler.profile() as eager:
+        ours = norm(x)
+    names = {e.name for e in eager.function_events}
+    assert "aten::linalg_vector_norm" not in names and "aten::sum" in names
+    diffusers_own = WanRMS_norm.forward(norm, x)
+    np.testing.assert_allclose(ours.numpy(), diffusers_own.numpy(), rtol=0, atol=1e-6)
+    with torch.autograd.profiler.profile() as graded:
+        norm(x.clone().requires_grad_(True))
+    assert "aten::linalg_vector_norm" in {e.name for e in graded.function_events}
+
+    latent = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    traced = torch.export.export(torch_module(t2v.pipe, "vae_decoder"), (latent,), strict=False)
+    ops = {str(node.target) for node in traced.graph.nodes if node.op == "call_function"}
+    assert any("linalg_vector_norm" in op for op in ops)
+
+
 def test_stable_target_is_the_posterior_mean_over_the_prompts_clips():
     """``posterior_x0``: at pure noise the mean of the references, at low noise the clip the sample
     was noised from, and in between the Gaussian-likelihood-weighted mean computed the long way
