@@ -109,7 +109,7 @@ def save_trajectory(path: Path, trajectory) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, latents=trajectory.latents.astype(np.float32), timesteps=trajectory.timesteps,
-                                experts=trajectory.experts.astype(str))
+                     experts=trajectory.experts.astype(str))
 
 
 def load_trajectory(path: Path) -> dict[str, np.ndarray] | None:
