@@ -279,6 +279,30 @@ def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
         train_denoisers(None, None, [], 1, 2, 1e-3, None, None, [], target="x0")
 
 
+def test_make_weights_defaults_are_the_shipped_checkpoints_recipe():
+    """``make weights`` (the script's defaults, seed 0) must retrain the committed checkpoint: its
+    command-line defaults are what ``training.json`` records, and the untrained architecture's
+    defaults are the shipped experts' config."""
+    import json
+
+    from quant.pipeline import models
+    from quant.pipeline.train_shapes import build_parser
+
+    args = vars(build_parser().parse_args([]))
+    info = json.loads((models.SHAPES_WEIGHTS / "training.json").read_text(encoding="utf-8"))
+    recorded = {"seed": "seed", "vae_frame_steps": "vae_frame_steps", "vae_frame_batch": "vae_frame_batch",
+                "vae_steps": "vae_steps", "vae_batch": "vae_batch", "vae_lr": "vae_lr", "edge_weight": "edge_weight",
+                "steps": "denoiser_steps", "batch": "denoiser_batch", "clips": "clips_per_combination",
+                "lr": "denoiser_lr", "patch": "patch", "temporal_patch": "temporal_patch", "layers": "layers",
+                "head_dim": "head_dim", "high_share": "high_noise_share", "target": "denoiser_target"}
+    assert {flag: args[flag] for flag in recorded} == {flag: info[key] for flag, key in recorded.items()}
+    assert args["vae_from"] is None and info["vae_from"] is None
+    shipped = json.loads((models.SHAPES_WEIGHTS / "transformer" / "config.json").read_text(encoding="utf-8"))
+    untrained = models.build_t2v_shapes_untrained().transformer.config
+    for key in ("patch_size", "num_layers", "attention_head_dim", "num_attention_heads", "ffn_dim"):
+        assert list(np.atleast_1d(untrained[key])) == list(np.atleast_1d(shipped[key])), key
+
+
 def test_vae_convolutions_run_through_onednn_and_trace_as_plain_convolutions(t2v):
     """The eager reference takes oneDNN for the tiny VAE's 3-D convolutions (ATen would pick its slow
     im2col path at this size), to 1e-5 of that path; a trace of the same module records plain

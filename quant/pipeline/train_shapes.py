@@ -371,7 +371,9 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``make weights``' command line; its defaults are the committed checkpoint's recipe
+    (``tests/test_models.py`` compares them with its ``training.json``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=SHAPES_WEIGHTS, help="checkpoint folder to write")
     parser.add_argument("--seed", type=int, default=0)
@@ -402,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", choices=("stf", "sample"), default="sample",
                         help="denoiser regression target: stf (posterior mean over the prompt's clips) or sample (noise - x0)")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     info = train(args.out, args.seed, args.vae_steps, args.vae_batch, args.steps, args.batch, args.clips, args.threads,
                  vae_frame_steps=args.vae_frame_steps, vae_frame_batch=args.vae_frame_batch,
                  vae_lr=args.vae_lr, edge_weight=args.edge_weight, vae_from=args.vae_from, dit_lr=args.lr,
