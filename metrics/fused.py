@@ -3,17 +3,19 @@
 What scikit-image computes (``structural_similarity(gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False, data_range=255)``) in float64, without its full-frame temporaries:
 
-- each worker takes a strip of output rows; per input row it converts the row to float64 once,
-  forms ``x``, ``y``, ``x^2 + y^2`` and ``x y`` and filters them horizontally (11 taps, the
-  Gaussian's symmetry folded) into a ring of rows; output rows are the ring filtered vertically,
-  four at a time (each ring row loaded once for the four), turned into the SSIM map and summed
-  per channel. Nothing larger than a row is written; memory is flat in the frame count (one
-  frame pair at a time).
+- each worker takes a strip of output rows, and goes through it in column tiles sized to a third
+  of the L2 cache; per input row of a tile it converts the row to float64 once, forms ``x``,
+  ``y``, ``x^2 + y^2`` and ``x y`` and filters them horizontally (11 taps, the Gaussian's symmetry
+  folded) into a ring of rows; output rows are the ring filtered vertically, four at a time (each
+  ring row loaded once for the four), turned into the SSIM map and summed per channel in chunks
+  of ``CHUNK`` pixels. Nothing larger than a tile's row is written; memory is flat in the frame
+  count (one frame pair at a time).
 - the image is handled interleaved (``H x W*C``): a horizontal tap is ``C`` values away, so every
   loop runs over contiguous memory and LLVM vectorises it.
 - the same map as scikit-image's, kept where the window lies inside the frame (a 5-pixel border
-  cropped), per-channel means then the mean over channels. Per-row sums are added in row order,
-  so the result does not depend on the number of threads.
+  cropped), per-channel means then the mean over channels. Chunk sums are added in row order,
+  then chunk order, so the result depends neither on the number of threads nor on the tiles
+  (the cache size).
 - squared error is summed in int64 (exact) over the whole frame.
 
 No fast-math flags: no reassociation and no FMA contraction, so every x86-64 CPU computes the same
@@ -26,6 +28,8 @@ Example::
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -45,6 +49,7 @@ def gaussian_taps() -> np.ndarray:
 
 
 _TAPS = gaussian_taps()
+CHUNK = 32  # pixels: the SSIM map is summed in row chunks of this many, then the chunks in order
 _DEVICE = "cpu"  # where metrics.ssim and metrics.psnr compute: "cpu" (these kernels) or "cuda" (metrics.torch_kernels)
 
 
@@ -118,8 +123,9 @@ def _vertical4(ring, slots, d0, d1, d2, d3, taps, lo, hi):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _map_row_sums(mx, my, mq, mp, lo, hi, channels, row_sums, row):
-    """The SSIM map of one output row from its four moments (into ``mx``), summed per channel."""
+def _map_row_sums(mx, my, mq, mp, lo, hi, channels, chunk_sums, row, chunk):
+    """The SSIM map of one output row's tile from its four moments (into ``mx``), summed per
+    channel in chunks of ``CHUNK`` pixels into ``chunk_sums[row, chunk + i, c]``."""
     vx, vy, vq, vp = mx[lo:hi], my[lo:hi], mq[lo:hi], mp[lo:hi]
     for k in range(hi - lo):
         ux, uy = vx[k], vy[k]
@@ -127,82 +133,96 @@ def _map_row_sums(mx, my, mq, mp, lo, hi, channels, row_sums, row):
         uu = ux * ux + uy * uy
         # scikit-image: S = (2 ux uy + C1)(2 vxy + C2) / ((ux^2 + uy^2 + C1)(vx + vy + C2))
         vx[k] = ((2.0 * uxy + C1) * (2.0 * (vp[k] - uxy) + C2)) / ((uu + C1) * (vq[k] - uu + C2))
-    for c in range(channels):
-        total = 0.0
-        for j in range(lo + c, hi, channels):
-            total += mx[j]
-        row_sums[row, c] = total
+    span = CHUNK * channels
+    for start in range(lo, hi, span):
+        end = min(start + span, hi)
+        for c in range(channels):
+            total = 0.0
+            for j in range(start + c, end, channels):
+                total += mx[j]
+            chunk_sums[row, chunk, c] = total
+        chunk += 1
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _strip(x, y, channels, taps, first, last, row_sums):
-    """SSIM row sums (per channel) of output rows [first, last) into row_sums[row - RADIUS, c].
+def _strip(x, y, channels, taps, first, last, tile, row_sums):
+    """SSIM row sums (per channel) of output rows [first, last), added into row_sums[row - RADIUS, c].
 
-    Output rows are made four at a time (``_vertical4``: 14 ring rows read once, not 44 reads);
-    the last ``(last - first) % 4`` one at a time. Either way each value is the same sum."""
+    The rows are made in column tiles of ``tile`` values (a multiple of ``channels``), each tile
+    top to bottom, so that the ring of filtered rows stays in the core's L2 cache (a full 720p
+    row's ring does not: 1.3x slower, measured). Output rows are made four at a time
+    (``_vertical4``: 14 ring rows read once, not 44 reads); the last ``(last - first) % 4`` one at
+    a time. Either way each value is the same sum; per row, tiles are added left to right."""
     n = x.shape[1]
-    lo, hi = RADIUS * channels, n - RADIUS * channels
     window = 2 * RADIUS + 1
     ring_rows = window + 3  # the 11-row window of four consecutive output rows
-    xs, ys = np.empty(n), np.empty(n)
-    qs, ps = np.empty(n), np.empty(n)
-    ring_x, ring_y = np.empty((ring_rows, n)), np.empty((ring_rows, n))
-    ring_q, ring_p = np.empty((ring_rows, n)), np.empty((ring_rows, n))
-    m = np.empty((16, n))  # four moments x four output rows
+    halo = RADIUS * channels
+    width = tile + 2 * halo + 8  # a tile and its halo; 8 more keep the ring's rows off one cache set
+    xs, ys = np.empty(width), np.empty(width)
+    qs, ps = np.empty(width), np.empty(width)
+    ring_x, ring_y = np.empty((ring_rows, width)), np.empty((ring_rows, width))
+    ring_q, ring_p = np.empty((ring_rows, width)), np.empty((ring_rows, width))
+    m = np.empty((16, width))  # four moments x four output rows
     slots = np.empty(ring_rows, np.int64)
-    for r in range(first - RADIUS, last + RADIUS):
-        xr, yr = x[r], y[r]
-        for j in range(n):
-            a = np.float64(xr[j])
-            b = np.float64(yr[j])
-            xs[j] = a
-            ys[j] = b
-            qs[j] = a * a + b * b
-            ps[j] = a * b
-        slot = r % ring_rows
-        _horizontal(xs, ring_x[slot], taps, channels, lo, hi)
-        _horizontal(ys, ring_y[slot], taps, channels, lo, hi)
-        _horizontal(qs, ring_q[slot], taps, channels, lo, hi)
-        _horizontal(ps, ring_p[slot], taps, channels, lo, hi)
-        out = r - RADIUS  # the output row whose window this input row completes
-        if out < first:
-            continue
-        if (out - first) % 4 == 3:  # output rows out-3 .. out
-            for k in range(ring_rows):
-                slots[k] = (out - 3 - RADIUS + k) % ring_rows
-            _vertical4(ring_x, slots, m[0], m[1], m[2], m[3], taps, lo, hi)
-            _vertical4(ring_y, slots, m[4], m[5], m[6], m[7], taps, lo, hi)
-            _vertical4(ring_q, slots, m[8], m[9], m[10], m[11], taps, lo, hi)
-            _vertical4(ring_p, slots, m[12], m[13], m[14], m[15], taps, lo, hi)
-            for i in range(4):
-                _map_row_sums(m[i], m[4 + i], m[8 + i], m[12 + i], lo, hi, channels, row_sums, out - 3 + i - RADIUS)
-        elif out == last - 1:  # the rows left over after the last group of four
-            for o in range(out - (out - first) % 4, out + 1):
-                for k in range(window):
-                    slots[k] = (o - RADIUS + k) % ring_rows
-                _vertical(ring_x, slots, m[0], taps, lo, hi)
-                _vertical(ring_y, slots, m[4], taps, lo, hi)
-                _vertical(ring_q, slots, m[8], taps, lo, hi)
-                _vertical(ring_p, slots, m[12], taps, lo, hi)
-                _map_row_sums(m[0], m[4], m[8], m[12], lo, hi, channels, row_sums, o - RADIUS)
+    for start in range(halo, n - halo, tile):
+        lo, hi = halo, halo + min(tile, n - halo - start)  # the tile's columns in the local buffers
+        chunk = (start - halo) // (CHUNK * channels)  # its first chunk of the row's sums
+        for r in range(first - RADIUS, last + RADIUS):
+            xr, yr = x[r, start - halo:], y[r, start - halo:]
+            for j in range(hi + halo):
+                a = np.float64(xr[j])
+                b = np.float64(yr[j])
+                xs[j] = a
+                ys[j] = b
+                qs[j] = a * a + b * b
+                ps[j] = a * b
+            slot = r % ring_rows
+            _horizontal(xs, ring_x[slot], taps, channels, lo, hi)
+            _horizontal(ys, ring_y[slot], taps, channels, lo, hi)
+            _horizontal(qs, ring_q[slot], taps, channels, lo, hi)
+            _horizontal(ps, ring_p[slot], taps, channels, lo, hi)
+            out = r - RADIUS  # the output row whose window this input row completes
+            if out < first:
+                continue
+            if (out - first) % 4 == 3:  # output rows out-3 .. out
+                for k in range(ring_rows):
+                    slots[k] = (out - 3 - RADIUS + k) % ring_rows
+                _vertical4(ring_x, slots, m[0], m[1], m[2], m[3], taps, lo, hi)
+                _vertical4(ring_y, slots, m[4], m[5], m[6], m[7], taps, lo, hi)
+                _vertical4(ring_q, slots, m[8], m[9], m[10], m[11], taps, lo, hi)
+                _vertical4(ring_p, slots, m[12], m[13], m[14], m[15], taps, lo, hi)
+                for i in range(4):
+                    _map_row_sums(m[i], m[4 + i], m[8 + i], m[12 + i], lo, hi, channels, row_sums,
+                                  out - 3 + i - RADIUS, chunk)
+            elif out == last - 1:  # the rows left over after the last group of four
+                for o in range(out - (out - first) % 4, out + 1):
+                    for k in range(window):
+                        slots[k] = (o - RADIUS + k) % ring_rows
+                    _vertical(ring_x, slots, m[0], taps, lo, hi)
+                    _vertical(ring_y, slots, m[4], taps, lo, hi)
+                    _vertical(ring_q, slots, m[8], taps, lo, hi)
+                    _vertical(ring_p, slots, m[12], taps, lo, hi)
+                    _map_row_sums(m[0], m[4], m[8], m[12], lo, hi, channels, row_sums, o - RADIUS, chunk)
 
 
 @numba.njit(cache=True, parallel=True, nogil=True, error_model="numpy")
-def _ssim_sums(x, y, channels, taps, blocks):
+def _ssim_sums(x, y, channels, taps, blocks, tile):
     """Per-channel sums of the SSIM map over the valid region (windows inside the frame)."""
     height = x.shape[0]
     rows = height - 2 * RADIUS
-    row_sums = np.zeros((rows, channels))
+    chunks = (x.shape[1] // channels - 2 * RADIUS + CHUNK - 1) // CHUNK
+    row_sums = np.zeros((rows, chunks, channels))
     per_block = (rows + blocks - 1) // blocks
     for b in numba.prange(blocks):
         first = RADIUS + b * per_block
         last = min(first + per_block, height - RADIUS)
         if first < last:
-            _strip(x, y, channels, taps, first, last, row_sums)
+            _strip(x, y, channels, taps, first, last, tile, row_sums)
     sums = np.zeros(channels)
     for i in range(rows):  # in row order: the same sum for any number of threads
-        for c in range(channels):
-            sums[c] += row_sums[i, c]
+        for k in range(row_sums.shape[1]):
+            for c in range(channels):
+                sums[c] += row_sums[i, k, c]
     return sums
 
 
@@ -221,6 +241,35 @@ def _squared_error(x, y):
     return rows.sum()
 
 
+def _l2_bytes() -> int:
+    """The L2 cache of CPU 0 (Linux sysfs), 1 MiB where it cannot be read."""
+    try:
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+                size = (index / "size").read_text().strip().upper()
+                return int(size[:-1]) * 1024 if size.endswith("K") else int(size[:-1]) << 20 if size.endswith("M") else int(size)
+    except (OSError, ValueError):
+        pass
+    return 1 << 20
+
+
+_L2_BYTES = _l2_bytes()
+# Bytes of working buffers per value of a tile's width: 4 moments x 14 ring rows, 16 moment rows
+# and 4 input rows, float64.
+_BYTES_PER_VALUE = (4 * 14 + 16 + 4) * 8
+
+
+def tile_pixels(width: int, channels: int, l2_bytes: int | None = None) -> int:
+    """Width in pixels of the column tiles: a multiple of ``CHUNK`` whose buffers take about a
+    third of the L2 cache (a third measured fastest on a 2 MiB L2), tiles of even width across
+    the frame. The result's bits do not depend on it (the map is summed in fixed chunks)."""
+    budget = (l2_bytes or _L2_BYTES) // 3 // (_BYTES_PER_VALUE * channels)
+    widest = max(CHUNK, budget // CHUNK * CHUNK)
+    valid = max(1, width - 2 * RADIUS)
+    tiles = -(-valid // widest)
+    return -(-valid // tiles // CHUNK) * CHUNK if tiles > 1 else -(-valid // CHUNK) * CHUNK
+
+
 def _interleaved(frame: np.ndarray) -> tuple[np.ndarray, int]:
     frame = np.ascontiguousarray(frame)
     channels = frame.shape[2] if frame.ndim == 3 else 1
@@ -233,7 +282,7 @@ def ssim_frame(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     y, _ = _interleaved(candidate)
     height, width = reference.shape[0], reference.shape[1]
     blocks = min(max(1, numba.get_num_threads()) * 2, height - 2 * RADIUS)  # uneven cores even out
-    sums = _ssim_sums(x, y, channels, _TAPS, blocks)
+    sums = _ssim_sums(x, y, channels, _TAPS, blocks, tile_pixels(width, channels) * channels)
     return sums / ((height - 2 * RADIUS) * (width - 2 * RADIUS))
 
 

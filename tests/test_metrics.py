@@ -223,11 +223,28 @@ def test_ssim_rows_made_four_at_a_time_or_one_at_a_time_give_the_same_bits():
         reference = rng.integers(0, 256, (height, 29, 3), dtype=np.uint8)
         candidate = np.clip(reference.astype(int) + rng.integers(-40, 41, reference.shape), 0, 255).astype(np.uint8)
         x, y = reference.reshape(height, -1), candidate.reshape(height, -1)
-        sums = [fused._ssim_sums(x, y, 3, fused._TAPS, blocks) for blocks in range(1, min(6, height - 9) + 1)]
+        sums = [fused._ssim_sums(x, y, 3, fused._TAPS, blocks, fused.CHUNK * 3) for blocks in range(1, min(6, height - 9) + 1)]
         for other in sums[1:]:
             assert np.array_equal(other, sums[0]), height
         np.testing.assert_allclose(fused.ssim_frame(reference, candidate).mean(), _sk_ssim(reference, candidate),
                                    rtol=0, atol=1e-9)
+
+
+def test_ssim_does_not_depend_on_the_column_tiles():
+    """Rows are made in column tiles sized to the CPU's L2 cache; the map is summed in fixed chunks
+    so that a machine with another cache size gets the same bits."""
+    rng = np.random.default_rng(11)
+    reference = rng.integers(0, 256, (40, 3 * fused.CHUNK + 27, 3), dtype=np.uint8)  # valid width: 3 chunks + 17
+    candidate = np.clip(reference.astype(int) + rng.integers(-30, 31, reference.shape), 0, 255).astype(np.uint8)
+    x, y = reference.reshape(40, -1), candidate.reshape(40, -1)
+    sums = [fused._ssim_sums(x, y, 3, fused._TAPS, 2, chunks * fused.CHUNK * 3) for chunks in (1, 2, 3, 4)]
+    for other in sums[1:]:
+        assert np.array_equal(other, sums[0])
+    np.testing.assert_allclose(sums[0].mean() / (30 * (3 * fused.CHUNK + 17)), _sk_ssim(reference, candidate),
+                               rtol=0, atol=1e-12)
+    for l2 in (256 << 10, 1 << 20, 2 << 20, 32 << 20):  # the tile rule: whole chunks, at least one
+        tile = fused.tile_pixels(1280, 3, l2)
+        assert tile % fused.CHUNK == 0 and fused.CHUNK <= tile <= -(-1270 // fused.CHUNK) * fused.CHUNK
 
 
 def test_ssim_does_not_depend_on_the_number_of_threads():
