@@ -354,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", help="release tag recorded with the run (e.g. v1.2-rc1)")
     p.add_argument("--baseline", help="'latest' or a run id: fail when a metric drops beyond [regression] tolerances")
     p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished work")
-    p.add_argument("--executor", choices=["local", "ray"], help="override [runtime] executor: where quantizations, "
-                   "videos and scores run (ray: tasks on a Ray cluster)")
+    p.add_argument("--executor", choices=["local", "processes", "ray"], help="override [runtime] executor: where quantizations, "
+                   "videos and scores run (processes: worker processes of this machine; ray: tasks on a Ray cluster)")
     p.add_argument("--ray-address", help="override [runtime] ray_address: auto, ray://HOST:PORT or HOST:PORT "
                    "(implies --executor ray; unset: a local cluster)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="override [runtime] device")

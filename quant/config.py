@@ -36,7 +36,7 @@ DEFAULT_CONFIG = REPO_ROOT / "audit.toml"
 QUANT_RECIPES = QUANTIZERS
 INT8_METHODS = tuple(dict.fromkeys(m for r in RECORDS.values() for m in r.methods))
 ACTIVATION_TYPES = ("int8", "uint8")
-EXECUTORS = ("local", "ray")  # [runtime] executor (quant.stages.executor)
+EXECUTORS = ("local", "processes", "ray")  # [runtime] executor (quant.stages.executor)
 
 
 OBJECTIVES = ("coverage", "latency")
@@ -92,9 +92,10 @@ class AuditConfig:
     int8_method: str = "minmax"
     int8_reduce_range: bool = False
     int8_activation_type: str = "int8"
-    threads: int | None = None  # [runtime] threads: None = all usable cores
+    threads: int | None = None  # [runtime] threads: None = all usable cores (1 with executor = "processes")
     emulate: tuple[str, ...] = ()  # [runtime] emulate: int8 paths of other targets (quant.recipes.emulate)
-    executor: str = "local"  # [runtime] executor: "local" or "ray" (quant.stages.executor)
+    executor: str = "local"  # [runtime] executor: "local", "processes" or "ray" (quant.stages.executor)
+    workers: int | None = None  # [runtime] workers, executor = "processes": None = usable cores // threads
     ray_address: str | None = None  # [runtime] ray_address: "auto", "ray://host:port", host:port; None = a local cluster
     device: str = "cpu"  # [runtime] device: "cpu" or "cuda"
     floor: bool = True
@@ -113,6 +114,14 @@ class AuditConfig:
     modules: dict = field(default_factory=dict)
     history_url: str | None = None  # [history] url (else $QUANT_AUDIT_HISTORY_URL, else <out>/history.sqlite)  # [modules]: module -> ExternalModule (its FP32 ONNX made elsewhere)
     source: str = "built-in defaults"
+
+    @property
+    def run_threads(self) -> int | None:
+        """The threads each process runs: ``threads``, else 1 for executor = "processes" (tiny
+        pipelines scale across processes, not across one process's threads), else None (all cores)."""
+        if self.threads is None and self.executor == "processes":
+            return 1
+        return self.threads
 
     def override(self, **values) -> "AuditConfig":
         """A copy with the given fields replaced (``None`` values are ignored): command-line flags."""
@@ -191,6 +200,7 @@ class AuditConfig:
                          "int8_reduce_range": self.int8_reduce_range, "int8_activation_type": self.int8_activation_type},
             "runtime": {**({"threads": self.threads} if self.threads is not None else {}), "emulate": list(self.emulate),
                         "executor": self.executor, **({"ray_address": self.ray_address} if self.ray_address else {}),
+                        **({"workers": self.workers} if self.workers is not None else {}),
                         "device": self.device},
             "variants": {"run": list(self.variants), "attribution": self.attribution, "floor": self.floor,
                          "save_latents": self.save_latents, "fps": self.fps},
@@ -471,6 +481,11 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
     ray_address = runtime.take("ray_address", str, d.ray_address)
     if ray_address is not None and executor != "ray":
         raise runtime.error("ray_address", "is only read with executor = \"ray\"")
+    workers = runtime.take("workers", int, d.workers)
+    if workers is not None and executor != "processes":
+        raise runtime.error("workers", "is only read with executor = \"processes\"")
+    if workers is not None and workers < 1:
+        raise runtime.error("workers", f"must be a positive integer, got {workers}")
     device = runtime.take("device", str, d.device)
     if device not in DEVICES:
         raise runtime.error("device", f"expected one of {', '.join(DEVICES)}, got {device!r}")
@@ -510,7 +525,7 @@ def parse_config(data: dict, source: str, base_dir: Path) -> AuditConfig:
                          calibration_prompts=cal_prompts, calibration_seeds=cal_seeds, calibration_samples=samples,
                          simplify=simplify, recipes=recipes, int8_method=method, int8_reduce_range=reduce_range,
                          int8_activation_type=activation_type, threads=threads, emulate=tuple(dict.fromkeys(emulate)),
-                         executor=executor, ray_address=ray_address, device=device,
+                         executor=executor, ray_address=ray_address, workers=workers, device=device,
                          floor=floor, variants=variants,
                          attribution=attribution, save_latents=save_latents, fps=fps, mixes=mixes, gates=gates,
                          regression=regression, keep_fp32=keep, search=search, sensitivity=sens_modules,

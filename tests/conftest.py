@@ -75,3 +75,78 @@ def copy_work(src_out: Path, dst_out: Path, stages: tuple[str, ...], folders: tu
     ledger = json.loads((work_src / "stages.json").read_text())
     ledger["stages"] = {k: v for k, v in ledger["stages"].items() if k.startswith(stages)}
     (work / "stages.json").write_text(json.dumps(ledger))
+
+
+# A tiny whole audit on the local executor, run once per session: what the Ray and process
+# executors' runs are compared with (same video hashes, same metrics, same verdict).
+TINY_AUDIT = """
+model = "wan2.2-t2v-tiny"
+[generation]
+height = 32
+width = 32
+num_frames = 5
+num_inference_steps = 4
+[prompts]
+eval = "{prompts}"
+seeds = [0, 1]
+[calibration]
+samples_per_module = 4
+[quantize]
+recipes = ["int8-dynamic"]
+[runtime]
+threads = 1
+[variants]
+run = ["onnx", "int8-dynamic"]
+attribution = false
+floor = false
+[gates.default]
+psnr_mean = ">= 10"
+"""
+REPO = Path(__file__).resolve().parent.parent
+COST = ("seconds", "rss", "model_mb", "speedup", "videos_timed", "warmup")
+
+
+def run_cli(config: Path, out: Path, *extra: str):
+    """``quant-audit run --config CONFIG --out OUT ...`` as a child process (``subprocess.Popen``)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "quant.cli", "run", "--config", str(config), "--out", str(out), *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def audit_outcome(out: Path) -> tuple[dict, dict]:
+    """(results.json, {(variant, video file): frames SHA-256}) of the newest run in ``out``."""
+    import json
+
+    results = json.loads(max(Path(out).glob("2*/results.json")).read_text())
+    work = next((Path(out) / "work").iterdir())
+    hashes = {(m.parent.name, v["file"]): v["frames_sha256"]
+              for m in (work / "videos").glob("*/manifest.json") for v in json.loads(m.read_text())["videos"]}
+    return results, hashes
+
+
+def audit_quality(results: dict) -> dict:
+    """Every variant's metrics except what it cost (timings differ between any two runs)."""
+    return {v["name"]: {k: x for k, x in v["metrics"].items() if not any(c in k for c in COST)} | {"passed": v["passed"]}
+            for v in results["variants"]}
+
+
+@dataclass
+class TinyAudit:
+    config: Path
+    out: Path  # the local run's --out
+
+
+@pytest.fixture(scope="session")
+def tiny_audit(tmp_path_factory) -> TinyAudit:
+    """``TINY_AUDIT`` run once on the local executor (one thread)."""
+    root = tmp_path_factory.mktemp("tiny-audit")
+    prompts = root / "eval.txt"
+    prompts.write_text("a red circle moving left\na cup of coffee on a wooden table\n", encoding="utf-8")
+    config = root / "audit.toml"
+    config.write_text(TINY_AUDIT.format(prompts=prompts.as_posix()), encoding="utf-8")
+    local = run_cli(config, root / "local")
+    _, err = local.communicate(timeout=900)
+    assert local.returncode == 0, err[-3000:]
+    return TinyAudit(config, root / "local")

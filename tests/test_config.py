@@ -29,6 +29,7 @@ def test_repository_audit_toml_is_the_default_and_round_trips(tmp_path):
                  "int8_reduce_range", "int8_activation_type", "threads", "floor"):
         assert getattr(config, name) == getattr(defaults, name), name
     assert config.emulate == ("avx2", "vnni")
+    assert config.executor == "processes" and config.run_threads == 1 and config.workers is None  # one per core
     names = config.variant_names(MODULES)
     assert names[:6] == list(config.variants) and names[6] == "floor"
     emulated = {f"{v}~{t}" for v in ("int8", "int8-dynamic", "inc-int8", "mixed") for t in ("avx2", "vnni")}
@@ -73,7 +74,7 @@ def test_gates_for_merges_default_and_variant_tables():
     ("schema_version = 9", "schema_version: this quant-audit reads version 1, got 9"),
     ('[runtime]\nemulate = ["arm"]', "runtime.emulate: unknown target 'arm' (targets: avx2, vnni)"),
     ("[runtime]\nthreads = 0", "runtime.threads: must be a positive integer, got 0"),
-    ('[runtime]\nexecutor = "dask"', "runtime.executor: expected one of local, ray, got 'dask'"),
+    ('[runtime]\nexecutor = "dask"', "runtime.executor: expected one of local, processes, ray, got 'dask'"),
     ('[runtime]\nray_address = "auto"', 'runtime.ray_address: is only read with executor = "ray"'),
     ('[runtime]\ndevice = "tpu"', "runtime.device: expected one of cpu, cuda, got 'tpu'"),
     ('[quantize]\nint8_activation_type = "int4"', "quantize.int8_activation_type: expected one of int8, uint8"),

@@ -4,14 +4,11 @@ task that keeps failing is named, and a worker of another target is refused."""
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import psutil
 import pytest
@@ -19,36 +16,10 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from conftest import copy_work  # noqa: E402
+from conftest import audit_outcome, audit_quality, copy_work, run_cli  # noqa: E402
 from quant.errors import TaskFailed, UserError  # noqa: E402
 from quant.stages.executor import RayExecutor, Task  # noqa: E402
 from quant.support.target import current_target  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-COST = ("seconds", "rss", "model_mb", "speedup", "videos_timed", "warmup")
-CONFIG = """
-model = "wan2.2-t2v-tiny"
-[generation]
-height = 32
-width = 32
-num_frames = 5
-num_inference_steps = 4
-[prompts]
-eval = "{prompts}"
-seeds = [0, 1]
-[calibration]
-samples_per_module = 4
-[quantize]
-recipes = ["int8-dynamic"]
-[runtime]
-threads = 1
-[variants]
-run = ["onnx", "int8-dynamic"]
-attribution = false
-floor = false
-[gates.default]
-psnr_mean = ">= 10"
-"""
 
 
 @pytest.fixture(scope="module")
@@ -66,26 +37,6 @@ def cluster():
         cluster.shutdown()
 
 
-def _cli(config: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "quant.cli", "run", "--config", str(config), "--out", str(out), *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _outcome(out: Path) -> tuple[dict, dict]:
-    """(results.json, {(variant, video file): frames SHA-256}) of the newest run in ``out``."""
-    results = json.loads(max(out.glob("2*/results.json")).read_text())
-    work = next((out / "work").iterdir())
-    hashes = {(m.parent.name, v["file"]): v["frames_sha256"]
-              for m in (work / "videos").glob("*/manifest.json") for v in json.loads(m.read_text())["videos"]}
-    return results, hashes
-
-
-def _quality(results: dict) -> dict:
-    """Every variant's metrics except what it cost (timings differ between any two runs)."""
-    return {v["name"]: {k: x for k, x in v["metrics"].items() if not any(c in k for c in COST)} | {"passed": v["passed"]}
-            for v in results["variants"]}
-
-
 def _kill_one_task(stop: threading.Event, killed: list) -> None:
     """SIGKILL the first Ray worker seen running a task (its title is ``ray::_run_remote``)."""
     while not stop.is_set() and not killed:
@@ -101,21 +52,14 @@ def _kill_one_task(stop: threading.Event, killed: list) -> None:
         time.sleep(0.05)
 
 
-def test_ray_run_equals_local_run_even_with_a_worker_killed(cluster, tmp_path):
-    prompts = tmp_path / "eval.txt"
-    prompts.write_text("a red circle moving left\na cup of coffee on a wooden table\n", encoding="utf-8")
-    config = tmp_path / "audit.toml"
-    config.write_text(CONFIG.format(prompts=prompts.as_posix()), encoding="utf-8")
-    local_out, ray_out = tmp_path / "local", tmp_path / "ray"
-    local = _cli(config, local_out)
-    _, err = local.communicate(timeout=900)
-    assert local.returncode == 0, err[-3000:]
+def test_ray_run_equals_local_run_even_with_a_worker_killed(cluster, tiny_audit, tmp_path):
+    local_out, ray_out = tiny_audit.out, tmp_path / "ray"
     copy_work(local_out, ray_out, ("export:",), ("onnx/fp32", "calibration", "parity.json"))  # the cluster does the rest
 
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_one_task, args=(stop, killed), daemon=True)
     killer.start()
-    remote = _cli(config, ray_out, "--ray-address", cluster.address)
+    remote = run_cli(tiny_audit.config, ray_out, "--ray-address", cluster.address)
     try:
         _, err = remote.communicate(timeout=900)
     finally:
@@ -124,9 +68,9 @@ def test_ray_run_equals_local_run_even_with_a_worker_killed(cluster, tmp_path):
     assert remote.returncode == 0, err[-3000:]
     assert killed, "no task was running to kill"
 
-    (a, videos_a), (b, videos_b) = _outcome(local_out), _outcome(ray_out)
+    (a, videos_a), (b, videos_b) = audit_outcome(local_out), audit_outcome(ray_out)
     assert len(videos_a) == 3 * 2 * 2 and videos_a == videos_b  # (torch, onnx, int8-dynamic) x prompts x seeds
-    assert _quality(a) == _quality(b) and a["verdict"] == b["verdict"]
+    assert audit_quality(a) == audit_quality(b) and a["verdict"] == b["verdict"]
     assert a["target"]["id"] == b["target"]["id"]
     assert b["executor"] == "ray" and b["config"]["runtime"]["executor"] == "ray"
     stages = {s["name"]: s for s in b["stages"]}

@@ -169,6 +169,7 @@ class Audit:
         self.extra_gates: dict[str, tuple] = {}  # variant -> gates not in the config (the searched mix)
         self.times: list[StageTime] = []
         self._executor = None
+        self.executor_workers: int | None = None  # worker processes (executor = "processes"), once started
         self.records: dict[str, list[VideoRecord]] = {}
         self.adherence: dict | None = None  # the reference's own adherence (reference_adherence), once judged
         # Every stage's numbers depend on the target (ORT kernels, float SIMD paths, threads), so
@@ -190,12 +191,14 @@ class Audit:
 
     @property
     def executor(self):
-        """``[runtime] executor``: this process, or a Ray cluster (connected on first use)."""
+        """``[runtime] executor``: this process, its worker processes, or a Ray cluster (connected
+        on first use)."""
         if self._executor is None:
             from quant.stages.executor import make_executor
 
-            self._executor = make_executor(self.config.executor, self.model, self.work, self.target, self.config.threads,
-                                           self.config.ray_address, TASK_SOURCES)
+            self._executor = make_executor(self.config.executor, self.model, self.work, self.target, self.config.run_threads,
+                                           self.config.ray_address, TASK_SOURCES, self.config.workers)
+            self.executor_workers = getattr(self._executor, "workers", None)
         return self._executor
 
     def close(self) -> None:
@@ -554,6 +557,7 @@ def build_results(audit: Audit, entries: list[dict], checked: list[GateResult], 
                                       for m, d in e.get("modules", {}).items()}}
                       for r, e in emulation_summary(audit.work, _quantized_recipes(audit)).items()},
         "executor": audit.config.executor,
+        **({"workers": audit.executor_workers} if audit.executor_workers else {}),
         "stages": [{"name": t.name, "seconds": round(t.seconds, 3), "reused": t.reused, "where": t.where}
                    for t in audit.times],
         "failed_gates": [g.to_dict() for g in checked if not g.passed],
@@ -756,7 +760,7 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
     from reports import history
 
     out = Path(out)
-    set_threads(config.threads)
+    set_threads(config.run_threads)
     check_device(config)
     target = current_target()
     model = load_model(config.model)
@@ -803,7 +807,7 @@ def search_pipeline(config: AuditConfig, out: Path, objective: str | None = None
         settings = replace(settings, objective=objective)
     if inc_compare:
         settings = replace(settings, inc_compare=inc_compare)
-    set_threads(config.threads)
+    set_threads(config.run_threads)
     check_device(config)
     model = load_model(config.model)
     config.settings.check_for(model.pipe)

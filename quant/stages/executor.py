@@ -1,4 +1,5 @@
-"""Where a stage's tasks run: in this process (``local``) or on a Ray cluster (``ray``).
+"""Where a stage's tasks run: in this process (``local``), in worker processes of this machine
+(``processes``) or on a Ray cluster (``ray``).
 
 A ``Task`` is one unit of an audit's matrix (a video: variant x prompt x seed; a variant's
 scores; a (recipe, module) quantization): a module-level function called as
@@ -7,6 +8,11 @@ relative to ``root``, files or folders) and returns a small value. Both executor
 function, so they compute the same bytes:
 
 - ``LocalExecutor`` calls it here with ``root`` = the work folder, one task after another.
+- ``ProcessExecutor`` runs ``workers`` spawned processes of this machine, each at the target's
+  threads, with ``root`` = the work folder (one filesystem; a task's outputs are its own files).
+  Small models leave a second core idle in one process (a tiny pipeline's calls scale badly
+  across threads), so two one-thread workers do nearly twice the work of one two-thread
+  process. Each worker checks the target and builds the model once, as a Ray worker does.
 - ``RayExecutor`` assumes no shared filesystem. The driver puts every input file in Ray's object
   store once per content hash; a worker fetches each into its own blob cache (verifying the hash),
   runs the task in a private temporary ``root``, and returns the output files' bytes. The driver
@@ -110,6 +116,89 @@ class LocalExecutor:
         pass
 
 
+# --- processes of this machine -----------------------------------------------------------------
+
+def _run_in_process(spec: "WorkerSpec", fn: Callable, kwargs: dict, root: str) -> tuple[object, float]:
+    """A task in a worker process: the model built and checked once, ``fn`` run in ``root``."""
+    import os
+
+    model = _worker(spec, f"worker process {os.getpid()}")
+    start = time.perf_counter()
+    value = fn(TaskContext(Path(root), model), **kwargs)
+    return value, time.perf_counter() - start
+
+
+def _ignore_interrupt() -> None:
+    """Worker processes leave Ctrl-C to the driver, which stops the pool (``close``)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class ProcessExecutor:
+    """Runs tasks in ``workers`` processes of this machine (see the module doc)."""
+
+    name = "processes"
+
+    def __init__(self, model, work: Path, target, threads: int | None, workers: int | None, sources: tuple[str, ...]):
+        from quant.stages.runner import source_hash
+        from quant.support.environment import versions
+        from quant.support.target import usable_cores
+
+        self.model, self.work = model, Path(work)
+        cores = usable_cores()
+        self.workers = workers or max(1, cores // target.threads)
+        if self.workers * target.threads > cores:
+            raise UserError(f"runtime.workers: {self.workers} workers x {target.threads} threads is more than the "
+                            f"{cores} usable cores; lower [runtime] workers or threads")
+        # a checkpoint folder is rebuilt from its path (one filesystem), a built-in model by name
+        name = model.name if model.source == "builtin" else str(Path(model.source).resolve())
+        self.spec = WorkerSpec(name, model.fingerprint, target.id, threads, versions(), source_hash(sources),
+                               tuple(sources), {}, target.device)
+        self._pool = None
+
+    def _start(self):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self._pool is None:  # spawned, not forked: the driver's torch/ORT/numba thread pools stay its own
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_ignore_interrupt)
+        return self._pool
+
+    def run(self, tasks: list[Task], label: str, on_result: Callable[[TaskResult], None],
+            show_progress: bool = True) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        if not tasks:
+            return
+        pool = self._start()
+        pending = {pool.submit(_run_in_process, self.spec, t.fn, t.kwargs, str(self.work)): t for t in tasks}
+        try:
+            with progress(range(len(tasks)), label, "task", show_progress) as bar:
+                while pending:
+                    done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                    for future in done:
+                        task = pending.pop(future)
+                        try:
+                            value, seconds = future.result()
+                        except BrokenProcessPool:
+                            self.close()  # the next batch starts a new pool
+                            raise TaskFailed([(task, "its worker process died")]
+                                             + [(t, "its worker process pool broke") for t in pending.values()]) from None
+                        bar.update(1)
+                        on_result(TaskResult(task, value, LOCAL, seconds))
+        finally:
+            for future in pending:  # an error or interrupt: what has not started does not start
+                future.cancel()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 # --- Ray ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -150,8 +239,9 @@ def _place(sha: str, ref, dst: Path) -> None:
     shutil.copyfile(_blob(sha, ref), dst)
 
 
-def _worker(spec: WorkerSpec):
-    """This worker's model, after checking it is the driver's target and code (once per process)."""
+def _worker(spec: WorkerSpec, node: str):
+    """This worker's model, after checking it is the driver's target and code (once per process);
+    ``node`` names the worker in the refusals."""
     from quant.stages.runner import source_hash
     from quant.support.environment import versions
     from quant.support.target import current_target, set_device, set_threads
@@ -159,9 +249,6 @@ def _worker(spec: WorkerSpec):
     key = (spec.fingerprint, spec.target, spec.code)
     if key in _WORKER:
         return _WORKER[key]
-    import ray
-
-    node = ray.util.get_node_ip_address()
     set_threads(spec.threads)
     try:
         set_device(spec.device)
@@ -204,7 +291,7 @@ def _run_remote(spec: WorkerSpec, fn: Callable, kwargs: dict, files: dict, outpu
     """A task on a Ray worker: inputs placed in a private root, ``fn`` run, outputs read back."""
     import ray
 
-    model = _worker(spec)
+    model = _worker(spec, ray.util.get_node_ip_address())
     root = Path(tempfile.mkdtemp(prefix="quant-audit-task-"))
     try:
         for rel, (sha, ref) in files.items():
@@ -347,8 +434,10 @@ def _ray_reason(exc: Exception) -> str:
 
 
 def make_executor(kind: str, model, work: Path, target, threads: int | None, address: str | None,
-                  sources: tuple[str, ...]):
+                  sources: tuple[str, ...], workers: int | None = None):
     """The executor ``[runtime] executor`` names."""
     if kind == "ray":
         return RayExecutor(model, work, target, threads, address, sources)
+    if kind == "processes":
+        return ProcessExecutor(model, work, target, threads, workers, sources)
     return LocalExecutor(model, work)

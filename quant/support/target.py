@@ -76,8 +76,10 @@ def set_threads(threads: int | None) -> int:
 
     import numba
 
-    torch.set_num_threads(count)
+    # numba first: starting its OpenMP thread pool after torch's can put torch back to all cores
+    # (measured: torch.get_num_threads() 1 -> 2 once a pipeline had run)
     numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(count)
     _threads = count
     return count
 

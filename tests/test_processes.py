@@ -1,0 +1,84 @@
+"""The audit on worker processes of this machine (``[runtime] executor = "processes"``): the same
+video hashes, numbers and verdict as the local executor at the same threads; a task's own error
+reaches the driver as itself, a worker that dies is named, and more workers than cores is refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from conftest import audit_outcome, audit_quality, copy_work, run_cli
+from quant.config import load_config
+from quant.errors import TaskFailed, UserError
+from quant.stages.executor import ProcessExecutor, Task
+from quant.support.target import current_target, set_threads, usable_cores
+
+
+def test_process_run_equals_local_run(tiny_audit, tmp_path):
+    out = tmp_path / "processes"
+    copy_work(tiny_audit.out, out, ("export:",), ("onnx/fp32", "calibration", "parity.json"))  # the workers do the rest
+    run = run_cli(tiny_audit.config, out, "--executor", "processes")
+    _, err = run.communicate(timeout=900)
+    assert run.returncode == 0, err[-3000:]
+    (a, videos_a), (b, videos_b) = audit_outcome(tiny_audit.out), audit_outcome(out)
+    assert len(videos_a) == 3 * 2 * 2 and videos_a == videos_b  # (torch, onnx, int8-dynamic) x prompts x seeds
+    assert audit_quality(a) == audit_quality(b) and a["verdict"] == b["verdict"]
+    assert a["target"]["id"] == b["target"]["id"]  # both one thread per process
+    assert b["executor"] == "processes" and b["workers"] == usable_cores() and "workers" not in a
+    stages = {s["name"]: s for s in b["stages"]}
+    ran = [s for n, s in stages.items() if n.startswith(("quantize:", "generate:", "score:"))]
+    assert ran and all(not s["reused"] for s in ran)
+
+
+def _fails(context, name: str):
+    raise ValueError(f"cannot make video {name}")
+
+
+def _dies(context):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pid(context) -> int:
+    return os.getpid()
+
+
+@pytest.fixture()
+def one_thread():
+    set_threads(1)
+    try:
+        yield current_target()
+    finally:
+        set_threads(None)
+
+
+def test_a_tasks_error_reaches_the_driver_and_a_dead_worker_is_named(t2v, tmp_path, one_thread):
+    executor = ProcessExecutor(t2v, tmp_path, one_thread, 1, None, ("quant.stages.executor",))
+    try:
+        with pytest.raises(ValueError, match="cannot make video p00_s0"):
+            executor.run([Task("generate:int8:p00_s0", _fails, {"name": "p00_s0"})], "test", lambda r: None,
+                         show_progress=False)
+        with pytest.raises(TaskFailed, match="generate:int8:p01_s0: its worker process died"):
+            executor.run([Task("generate:int8:p01_s0", _dies, {})], "test", lambda r: None, show_progress=False)
+        results = []  # a new pool after the broken one; the tasks spread over the workers
+        executor.run([Task(f"score:{i}", _pid, {}) for i in range(8)], "test", results.append, show_progress=False)
+        assert len(results) == 8 and os.getpid() not in {r.value for r in results}
+    finally:
+        executor.close()
+
+
+def test_more_workers_than_cores_is_refused(t2v, tmp_path, one_thread):
+    with pytest.raises(UserError, match=r"runtime.workers: \d+ workers x 1 threads is more than the \d+ usable cores"):
+        ProcessExecutor(t2v, tmp_path, one_thread, 1, usable_cores() + 1, ("quant.stages.executor",))
+
+
+def test_processes_run_one_thread_each_unless_told(tmp_path):
+    config = tmp_path / "audit.toml"
+    config.write_text('[runtime]\nexecutor = "processes"\n', encoding="utf-8")
+    assert load_config(config).run_threads == 1
+    config.write_text('[runtime]\nexecutor = "processes"\nthreads = 2\nworkers = 1\n', encoding="utf-8")
+    assert load_config(config).run_threads == 2 and load_config(config).workers == 1
+    config.write_text('[runtime]\nworkers = 2\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"workers.*only read with executor = \"processes\""):
+        load_config(config)
