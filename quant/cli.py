@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from quant.errors import CheckFailed, TaskFailed, UserError  # noqa: E402
+from quant.support.quiet import quiet_libraries  # noqa: E402
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -418,23 +419,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    # diffusers imports torchao when it is installed (neural-compressor needs it), and torch then
-    # logs pytree deprecation warnings on every command; INC logs INFO lines through its own logger.
-    for name in ("torch", "torchao", "neural_compressor"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for name in ("diffusers", "transformers"):
-        try:
-            module = __import__(f"{name}.utils.logging", fromlist=["set_verbosity_error"])
-            module.set_verbosity_error()
-        except ImportError:
-            pass
-
-
 class _QuietPipe:
     """stdout that goes quiet when its reader has gone (``| head``): the command still finishes
     and exits with its own code (a FAIL verdict must not become exit 0 because nobody read it)."""
@@ -480,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
-        _quiet_libraries()
+        quiet_libraries()
         return args.func(args)
     except UserError as exc:
         print(f"quant-audit: error: {exc}", file=sys.stderr)

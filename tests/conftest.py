@@ -95,6 +95,7 @@ samples_per_module = 4
 recipes = ["int8-dynamic"]
 [runtime]
 threads = 1
+emulate = ["avx2"]
 [variants]
 run = ["onnx", "int8-dynamic"]
 attribution = false

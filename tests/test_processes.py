@@ -4,12 +4,13 @@ reaches the driver as itself, a worker that dies is named, and more workers than
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 import pytest
 
-from conftest import audit_outcome, audit_quality, copy_work, run_cli
+from conftest import audit_outcome, audit_quality, run_cli
 from quant.config import load_config
 from quant.errors import TaskFailed, UserError
 from quant.stages.executor import ProcessExecutor, Task
@@ -17,19 +18,28 @@ from quant.support.target import current_target, set_threads, usable_cores
 
 
 def test_process_run_equals_local_run(tiny_audit, tmp_path):
-    out = tmp_path / "processes"
-    copy_work(tiny_audit.out, out, ("export:",), ("onnx/fp32", "calibration", "parity.json"))  # the workers do the rest
+    out = tmp_path / "processes"  # from nothing: exports, quantizations, emulations, videos and scores are tasks
     run = run_cli(tiny_audit.config, out, "--executor", "processes")
     _, err = run.communicate(timeout=900)
     assert run.returncode == 0, err[-3000:]
     (a, videos_a), (b, videos_b) = audit_outcome(tiny_audit.out), audit_outcome(out)
-    assert len(videos_a) == 3 * 2 * 2 and videos_a == videos_b  # (torch, onnx, int8-dynamic) x prompts x seeds
+    assert len(videos_a) == 4 * 2 * 2 and videos_a == videos_b  # (torch, onnx, int8-dynamic, ~avx2) x prompts x seeds
     assert audit_quality(a) == audit_quality(b) and a["verdict"] == b["verdict"]
     assert a["target"]["id"] == b["target"]["id"]  # both one thread per process
     assert b["executor"] == "processes" and b["workers"] == usable_cores() and "workers" not in a
     stages = {s["name"]: s for s in b["stages"]}
-    ran = [s for n, s in stages.items() if n.startswith(("quantize:", "generate:", "score:"))]
-    assert ran and all(not s["reused"] for s in ran)
+    kinds = ("export:", "quantize:", "emulate:", "generate:", "score:")
+    assert all(any(n.startswith(k) for n in stages) for k in kinds) and all(not s["reused"] for s in stages.values())
+    work_a, work_b = (next((o / "work").iterdir()) for o in (tiny_audit.out, out))
+    for folder in ("onnx/fp32", "onnx/int8-dynamic", "onnx/int8-dynamic~avx2"):  # the same models, the same records
+        for path in sorted((work_a / folder).glob("*.onnx")):
+            assert path.read_bytes() == (work_b / folder / path.name).read_bytes(), path
+        manifest_a, manifest_b = (json.loads((w / folder / "manifest.json").read_text()) for w in (work_a, work_b))
+        assert manifest_a["modules"] == manifest_b["modules"], folder
+    parity_a, parity_b = ({m: {**e, "export": {k: v for k, v in e["export"].items() if k != "seconds"}}
+                           for m, e in json.loads((w / "parity.json").read_text())["modules"].items()}
+                          for w in (work_a, work_b))
+    assert parity_a == parity_b and len(parity_a) == 4
 
 
 def _fails(context, name: str):

@@ -25,18 +25,18 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from quant.stages.calibrate import CalibrationSpec, calibrate, check_modules_called, load_calibration_prompts
+from quant.stages.calibrate import (CalibrationSpec, calibrate_task, calibration_dir, check_modules_called,
+                                    load_calibration_prompts, open_calibration)
 from quant.config import AuditConfig
 from quant.errors import UserError
 from quant.support.environment import utc_now, versions
 from quant.recipes.export import ExportOptions
-from quant.stages.export import export_pipeline
 from quant.gates import Baseline, GateResult, check_gates, check_regression, mark_noise_floor
 from quant.stages.executor import Task
 from quant.stages.generate import VariantVideos, VideoRecord, variant_cost, video_dir
@@ -62,15 +62,29 @@ RUN_FILE = "run.json"
 EXPORT_SOURCES = ("quant.recipes.export", "quant.recipes.parity", "quant.stages.export", "quant.pipeline.torch_modules",
                   "quant.pipeline.capture", "quant.pipeline.sampling")
 QUANTIZE_SOURCES = ("quant.recipes.quantize", "quant.recipes.census", "quant.recipes.emulate", "quant.stages.quantize")
+CALIBRATE_SOURCES = ("quant.stages.calibrate", "quant.pipeline.capture", "quant.pipeline.sampling")
 EMULATE_SOURCES = ("quant.recipes.emulate", "quant.stages.emulate", "quant.recipes.census")
 GENERATE_SOURCES = ("quant.pipeline.sampling", "quant.pipeline.ort_modules", "quant.pipeline.video_io",
                     "quant.stages.generate")
 SCORE_SOURCES = ("quant.stages.score", "metrics.psnr", "metrics.ssim", "metrics.temporal", "metrics.tensor",
                  "metrics.scores", "metrics.adherence", "metrics.shapes_world")
 # What Ray workers must run the same code of (quant.stages.executor): every task function's stage.
-TASK_SOURCES = tuple(dict.fromkeys(QUANTIZE_SOURCES + GENERATE_SOURCES + SCORE_SOURCES + (
+TASK_SOURCES = tuple(dict.fromkeys(EXPORT_SOURCES + CALIBRATE_SOURCES + QUANTIZE_SOURCES + EMULATE_SOURCES + GENERATE_SOURCES + SCORE_SOURCES + (
     "quant.stages.executor", "quant.recipes.int8", "quant.recipes.fp16", "quant.recipes.inc")))
 SENSITIVITY_SOURCES = ("quant.stages.sensitivity", "quant.recipes.quantize", "quant.recipes.int8", "quant.recipes.fp16")
+
+
+# Which tasks of a batch go first: the longest, so that no worker is left alone with one at the end
+# (make demo, export: vae_decoder 19 s of 43; quantize: inc-int8's three largest take 58 s of 97).
+_MODULE_ORDER = ("vae_decoder", "transformer", "transformer_2", "text_encoder")
+_RECIPE_ORDER = ("inc-int8", "int8", "fp16", "int8-dynamic")
+
+
+def cost_rank(module: str, recipe: str = "") -> tuple[int, int]:
+    """Sorts a batch's (recipe, module) work with the usually longest first."""
+    recipe = base_recipe(recipe) if recipe else ""
+    return (_RECIPE_ORDER.index(recipe) if recipe in _RECIPE_ORDER else len(_RECIPE_ORDER),
+            _MODULE_ORDER.index(module) if module in _MODULE_ORDER else len(_MODULE_ORDER))
 
 
 @dataclass
@@ -216,13 +230,35 @@ class Audit:
         if not done.reused and not sys.stderr.isatty():  # a CI log: one line per stage that did work
             print(f"{done.name}: {done.seconds:.1f} s", file=sys.stderr, flush=True)
 
-    def export(self) -> None:
-        """Export every module, or import the user's file where ``[modules]`` names one."""
+    def prepare(self) -> None:
+        """Export every module and capture the calibration samples: independent work, so one batch
+        of tasks (the calibration among the exports, after the longest)."""
+        stages = self.export_stages()
+        stages.insert(min(3, len(stages)), self.calibrate_stage())
+        self._batch(stages, "export + calibrate")
+        self.calibration = open_calibration(self.work, self.model)
+
+    def calibrate_stage(self) -> Stage:
+        spec = CalibrationSpec(tuple(self.calibration_prompts), self.config.calibration_seeds,
+                               self.config.calibration_samples)
+        if self.fresh and (self.work / "calibration").exists():
+            Workspace.remove(self.work / "calibration")
+        folder = calibration_dir(self.work)
+        task = Task("calibrate", calibrate_task, {"spec": spec, "settings": self.settings},
+                    outputs=(str(folder.relative_to(self.work)),))
+        inputs = {"stage": "calibrate", "spec": asdict(spec), "settings": self.settings.to_dict()}
+        return self._task_stage("calibrate", inputs, [task], lambda r: None, [folder / "manifest.json"],
+                                sources=CALIBRATE_SOURCES)
+
+    def export_stages(self) -> list[Stage]:
+        """Every module's export (tasks on the executor); a module ``[modules]`` names is imported
+        from the user's file here and now."""
         from quant.recipes.external import model_files
-        from quant.stages.export import import_external
+        from quant.stages.export import export_task, import_external, record_export
 
         options = ExportOptions(simplify=self.config.simplify)
-        for module in progress(self.modules, "export", "module", self.show):
+        stages = []
+        for module in sorted(self.modules, key=cost_rank):
             inputs = {"stage": "export", "module": module, "simplify": options.simplify, "opset": options.opset,
                       "capture": self.prompts[:2], "settings": self.settings.to_dict()}
             external = self.config.modules.get(module)
@@ -233,20 +269,15 @@ class Audit:
                             [onnx_path(self.work, "onnx", module)], files=model_files(external.path),
                             sources=EXPORT_SOURCES + ("quant.recipes.external",))
                 continue
-            self._stage(f"export:{module}", inputs, lambda m=module: export_pipeline(
-                self.model, self.settings, self.work, self.prompts, options=options, modules=[m], show_progress=False),
-                [onnx_path(self.work, "onnx", module)], sources=EXPORT_SOURCES)
-
-    def calibrate(self) -> None:
-        spec = CalibrationSpec(tuple(self.calibration_prompts), self.config.calibration_seeds,
-                               self.config.calibration_samples)
-        if self.fresh and (self.work / "calibration").exists():
-            Workspace.remove(self.work / "calibration")
-        start = time.perf_counter()
-        cal = calibrate(self.model, spec, self.settings, self.work, show_progress=self.show)
-        self.calibration = cal
-        self.keys["calibrate"] = stage_key({**self.base, "calibration": cal.manifest["key"]})
-        self.times.append(StageTime("calibrate", time.perf_counter() - start, cal.reused))
+            dest = onnx_path(self.work, "onnx", module)
+            task = Task(f"export:{module}", export_task,
+                        {"module": module, "settings": self.settings, "prompts": self.prompts[:2], "options": options},
+                        outputs=tuple(str(p.relative_to(self.work)) for p in (dest, Path(f"{dest}.data"))))
+            stages.append(self._task_stage(
+                f"export:{module}", inputs, [task], lambda r: record_export(
+                    self.model, self.settings, self.work, self.prompts[:2], options, *r.value),
+                [dest], sources=EXPORT_SOURCES))
+        return stages
 
     def _model_key(self, recipe: str, module: str) -> str:
         if recipe == "torch":
@@ -265,7 +296,7 @@ class Audit:
         ``<recipe>~<target>`` is then emulated from ``<recipe>``'s models."""
         variants = self.variants if variants is None else variants
         used = list(dict.fromkeys((r, m) for v in variants for m, r in v.modules.items() if r not in ("torch", "onnx")))
-        jobs = list(dict.fromkeys((split_target(r)[0], m) for r, m in used))
+        jobs = sorted(dict.fromkeys((split_target(r)[0], m) for r, m in used), key=lambda job: cost_rank(job[1], job[0]))
         stages = []
         for recipe, module in jobs:
             keep = self.keep_fp32.get(recipe, ())
@@ -294,16 +325,25 @@ class Audit:
         self.emulate([(r, m) for r, m in used if split_target(r)[1] is not None])
 
     def emulate(self, jobs: list[tuple[str, str]]) -> None:
-        """``<recipe>~<target>`` models rewritten from ``<recipe>``'s (``quant.stages.emulate``)."""
-        from quant.stages.emulate import emulate_pipeline
+        """``<recipe>~<target>`` models rewritten from ``<recipe>``'s (``quant.stages.emulate``), tasks on
+        the executor."""
+        from quant.stages.emulate import emulate_inputs, emulate_task, record_emulated
 
-        for recipe, module in progress(jobs, "emulate", "model", self.show and bool(jobs)):
+        stages = []
+        for recipe, module in sorted(jobs, key=lambda job: cost_rank(job[1], job[0])):
             source = split_target(recipe)[0]
             inputs = {"stage": "emulate", "recipe": recipe, "module": module,
                       "quantize": self.keys[f"quantize:{source}:{module}"]}
-            self._stage(f"emulate:{recipe}:{module}", inputs, lambda r=recipe, m=module: emulate_pipeline(
-                self.model, self.settings, self.work, r, [m], self.calibration), [onnx_path(self.work, recipe, module)],
-                files=[onnx_path(self.work, source, module)], sources=EMULATE_SOURCES)
+            dest = onnx_path(self.work, recipe, module)
+            task = Task(f"emulate:{recipe}:{module}", emulate_task,
+                        {"recipe": recipe, "module": module, "settings": self.settings},
+                        inputs=emulate_inputs(self.work, recipe, module),
+                        outputs=tuple(str(p.relative_to(self.work)) for p in (dest, Path(f"{dest}.data"))))
+            stages.append(self._task_stage(
+                f"emulate:{recipe}:{module}", inputs, [task], lambda r, rec=recipe, m=module: record_emulated(
+                    self.model, self.settings, self.work, rec, {m: r.value}),
+                [dest], files=[onnx_path(self.work, source, module)], sources=EMULATE_SOURCES))
+        self._batch(stages, "emulate")
 
     def _generate_inputs(self, variant: Variant) -> dict:
         return {"stage": "generate", "noise_ulps": variant.noise_ulps, "settings": self.settings.to_dict(),
@@ -315,11 +355,20 @@ class Audit:
         """The reference (``torch``) and every variant's videos, each a stage keyed by its models."""
         reference = Variant("torch", {m: "torch" for m in self.modules})
         variants = [reference] + (self.variants if variants is None else variants)
+        # emulated int8 (<variant>~<target>) runs as float math of every Q/DQ node: 2-3x the others'
+        # time a video on the demo; the longest go first, so that no worker is left with one at the end
+        variants = sorted(variants, key=lambda v: "~" not in v.name)
+        per_variant = len(self.prompts) * len(self.config.seeds)
+        # Several processes: each builds a variant's sessions for the videos it makes, so whole
+        # variants per task unless the executor has room for more tasks than that makes. One
+        # process (local) keeps its sessions: a task per video, a progress step per video.
+        slots = self.executor.slots
+        per_task = 1 if slots == 1 else max(1, min(per_variant, per_variant * len(variants) // (4 * slots)))
         stages = []
         for variant in variants:
             name = f"generate:{variant.name}"
             job = VariantVideos(self.model, variant, self.prompts, list(self.config.seeds), self.settings, self.work,
-                                fps=self.config.fps, save_latents=self.config.save_latents)
+                                fps=self.config.fps, save_latents=self.config.save_latents, per_task=per_task)
 
             def plan(job=job, name=name):
                 job.key = None if self.fresh else self.runner.keys[name]
@@ -761,6 +810,10 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
 
     out = Path(out)
     set_threads(config.run_threads)
+    if config.executor == "processes":  # the workers' libraries are imported while this process loads the model
+        from quant.stages.executor import start_fork_server
+
+        start_fork_server(TASK_SOURCES)
     check_device(config)
     target = current_target()
     model = load_model(config.model)
@@ -776,8 +829,7 @@ def run_audit(config: AuditConfig, out: Path, baseline: str | None = None, fresh
         audit, started = _open_run(config, model, out, config_key, fresh, show_progress, target)
         try:
             audit.executor  # a Ray cluster is connected (or refused, exit 2) before any work
-            audit.export()
-            audit.calibrate()
+            audit.prepare()
             audit.quantize()
             audit.generate()
             extras = _analyses(audit)
@@ -814,8 +866,7 @@ def search_pipeline(config: AuditConfig, out: Path, objective: str | None = None
     with locked_work(Path(out), model.fingerprint):
         audit = Audit(config, model, Path(out), "search", show_progress)
         try:
-            audit.export()
-            audit.calibrate()
+            audit.prepare()
             return run_search(audit, settings)
         finally:
             audit.close()

@@ -268,6 +268,12 @@ def calibrate(model: LoadedModel, spec: CalibrationSpec, settings: GenerationSet
     return CalibrationSet(folder, manifest)
 
 
+def calibrate_task(context, spec: CalibrationSpec, settings: GenerationSettings) -> bool:
+    """``calibrate`` as a task (``quant.stages.executor``): the samples under ``context.root``;
+    returns whether an earlier capture with the same key was reused."""
+    return calibrate(context.model, spec, settings, context.root, show_progress=False).reused
+
+
 def open_calibration(root: Path, model: LoadedModel) -> CalibrationSet:
     """The calibration cache under ``root`` for ``model``, for the quantize stage.
 

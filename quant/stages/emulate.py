@@ -15,11 +15,12 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
 
-from quant.stages.calibrate import CalibrationSet
+from quant.stages.calibrate import CalibrationSet, calibration_dir
 from quant.recipes.emulate import emulate_model, float_math_model
 from quant.support.files import atomic_write_json
 from quant.pipeline.models import LoadedModel
@@ -40,23 +41,27 @@ def _finite_min(values: list[float]) -> float | None:
     return min(finite) if finite else None
 
 
-def emulate_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path, recipe: str,
-                     modules: list[str], calibration: CalibrationSet) -> dict:
-    """Emulate ``recipe`` (``<quantized recipe>~<target>``) for ``modules``; returns the report."""
+def _emulate_one(model: LoadedModel, settings: GenerationSettings, root: Path, recipe: str, module: str,
+                 calibration: CalibrationSet) -> dict:
+    """Write ``onnx/<recipe>/<module>.onnx`` from its source recipe's model; its report entry."""
     source, target = split_target(recipe)
     quantized = check_onnx_folder(root, source, model, settings)
-    entries = {}
-    for module in modules:
-        src, dst = verify_file(onnx_path(root, source, module), quantized, module), onnx_path(root, recipe, module)
-        result = emulate_model(src, dst, target)
-        reference = open_session(onnx_path(root, "onnx", module), cpu=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            float_math = open_session(float_math_model(src, Path(tmp) / "float_math.onnx"), optimize=False)
-        emulated = open_session(dst, optimize=False)
-        quantization, kernel, _ = holdout_errors(reference, emulated, float_math, calibration.reader(module, "holdout"))
-        entries[module] = {"nodes": result.nodes, "saturable_pairs": result.pairs, "not_emulated": result.skipped,
-                           "sqnr_min_db": _finite_min(quantization), "kernel_sqnr_db": _finite_min(kernel),
-                           "kernel_identical": bool(kernel) and all(v == math.inf for v in kernel)}
+    src, dst = verify_file(onnx_path(root, source, module), quantized, module), onnx_path(root, recipe, module)
+    result = emulate_model(src, dst, target)
+    reference = open_session(onnx_path(root, "onnx", module), cpu=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        float_math = open_session(float_math_model(src, Path(tmp) / "float_math.onnx"), optimize=False)
+    emulated = open_session(dst, optimize=False)
+    quantization, kernel, _ = holdout_errors(reference, emulated, float_math, calibration.reader(module, "holdout"))
+    return {"nodes": result.nodes, "saturable_pairs": result.pairs, "not_emulated": result.skipped,
+            "sqnr_min_db": _finite_min(quantization), "kernel_sqnr_db": _finite_min(kernel),
+            "kernel_identical": bool(kernel) and all(v == math.inf for v in kernel)}
+
+
+def record_emulated(model: LoadedModel, settings: GenerationSettings, root: Path, recipe: str, entries: dict) -> dict:
+    """The manifest of ``onnx/<recipe>/`` and ``quantization/<recipe>.json`` updated with ``entries``
+    (module -> ``_emulate_one``'s entry), other modules' entries kept; returns the report."""
+    source, target = split_target(recipe)
     write_onnx_manifest(root, recipe, model, settings, {m: onnx_path(root, recipe, m) for m in entries})
     path = report_path(root, recipe)
     report = {"schema_version": SCHEMA_VERSION, "recipe": recipe, "source_recipe": source, "emulates": target,
@@ -65,3 +70,28 @@ def emulate_pipeline(model: LoadedModel, settings: GenerationSettings, root: Pat
               "modules": {**previous_modules(path, model, settings, SCHEMA_VERSION), **entries}}
     atomic_write_json(path, report)
     return report
+
+
+def emulate_task(context, recipe: str, module: str, settings: GenerationSettings) -> dict:
+    """One module's emulation (a task, ``quant.stages.executor``) under ``context.root``; returns its
+    report entry (the driver records it: ``record_emulated``)."""
+    folder = calibration_dir(context.root)
+    calibration = CalibrationSet(folder, json.loads((folder / "manifest.json").read_text(encoding="utf-8")))
+    return _emulate_one(context.model, settings, Path(context.root), recipe, module, calibration)
+
+
+def emulate_inputs(root: Path, recipe: str, module: str) -> tuple[str, ...]:
+    """What ``emulate_task`` reads, relative to ``root``."""
+    paths = []
+    for folder in ("onnx", split_target(recipe)[0]):
+        model = onnx_path(root, folder, module)
+        paths += [model.with_name("manifest.json"), model, Path(f"{model}.data")]
+    paths += [calibration_dir(root) / "manifest.json", calibration_dir(root) / module]
+    return tuple(str(p.relative_to(root)) for p in paths)
+
+
+def emulate_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path, recipe: str,
+                     modules: list[str], calibration: CalibrationSet) -> dict:
+    """Emulate ``recipe`` (``<quantized recipe>~<target>``) for ``modules`` in this process; returns the report."""
+    entries = {module: _emulate_one(model, settings, root, recipe, module, calibration) for module in modules}
+    return record_emulated(model, settings, root, recipe, entries)

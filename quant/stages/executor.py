@@ -8,8 +8,9 @@ relative to ``root``, files or folders) and returns a small value. Both executor
 function, so they compute the same bytes:
 
 - ``LocalExecutor`` calls it here with ``root`` = the work folder, one task after another.
-- ``ProcessExecutor`` runs ``workers`` spawned processes of this machine, each at the target's
-  threads, with ``root`` = the work folder (one filesystem; a task's outputs are its own files).
+- ``ProcessExecutor`` runs ``workers`` processes of this machine (forked from a fork server that
+  imported the libraries once), each at the target's threads, with ``root`` = the work folder
+  (one filesystem; a task's outputs are its own files).
   Small models leave a second core idle in one process (a tiny pipeline's calls scale badly
   across threads), so two one-thread workers do nearly twice the work of one two-thread
   process. Each worker checks the target and builds the model once, as a Ray worker does.
@@ -100,6 +101,7 @@ class LocalExecutor:
     """Runs tasks in this process, in the work folder (see the module doc)."""
 
     name = LOCAL
+    slots = 1  # tasks at once
 
     def __init__(self, model, work: Path):
         self.model, self.work = model, Path(work)
@@ -128,11 +130,36 @@ def _run_in_process(spec: "WorkerSpec", fn: Callable, kwargs: dict, root: str) -
     return value, time.perf_counter() - start
 
 
-def _ignore_interrupt() -> None:
-    """Worker processes leave Ctrl-C to the driver, which stops the pool (``close``)."""
-    import signal
+def _context():
+    """Workers are forked from a fork server (``multiprocessing``'s forkserver), never from the
+    driver: the driver's torch/ORT/numba thread pools stay its own, and a server that imported
+    the libraries once (``start_fork_server``) makes each worker's start a fork, not 4 s of imports."""
+    import multiprocessing
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return multiprocessing.get_context("forkserver")
+
+
+def start_fork_server(modules: tuple[str, ...]) -> None:
+    """Start the fork server now, importing ``modules`` (after ``quant.stages.worker_boot``) while
+    this process goes on loading its model; a no-op once it runs."""
+    from multiprocessing import forkserver
+
+    _context().set_forkserver_preload(["quant.stages.worker_boot", *modules])
+    forkserver.ensure_running()
+
+
+def default_workers(threads: int) -> int:
+    """Worker processes when ``[runtime] workers`` is unset: as many as the usable cores hold."""
+    from quant.support.target import usable_cores
+
+    return max(1, usable_cores() // threads)
+
+
+def _new_pool(workers: int):
+    from concurrent.futures import ProcessPoolExecutor
+
+    start_fork_server(())  # with no preload if the audit did not start it earlier
+    return ProcessPoolExecutor(workers, mp_context=_context())
 
 
 class ProcessExecutor:
@@ -147,7 +174,8 @@ class ProcessExecutor:
 
         self.model, self.work = model, Path(work)
         cores = usable_cores()
-        self.workers = workers or max(1, cores // target.threads)
+        self.workers = workers or default_workers(target.threads)
+        self.slots = self.workers
         if self.workers * target.threads > cores:
             raise UserError(f"runtime.workers: {self.workers} workers x {target.threads} threads is more than the "
                             f"{cores} usable cores; lower [runtime] workers or threads")
@@ -158,12 +186,8 @@ class ProcessExecutor:
         self._pool = None
 
     def _start(self):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        if self._pool is None:  # spawned, not forked: the driver's torch/ORT/numba thread pools stay its own
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_ignore_interrupt)
+        if self._pool is None:
+            self._pool = _new_pool(self.workers)
         return self._pool
 
     def run(self, tasks: list[Task], label: str, on_result: Callable[[TaskResult], None],
@@ -335,6 +359,7 @@ class RayExecutor:
         # a task uses the target's threads, so it reserves as many CPUs (and must fit on some node)
         alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         cpus = max((r.get("CPU", 0) for r in alive), default=0)
+        self.slots = max(1, sum(int(r.get("CPU", 0) // target.threads) for r in alive))  # tasks at once, cluster-wide
         if cpus < target.threads:
             raise UserError(f"runtime.threads: a task runs {target.threads} threads, but no node of the Ray cluster has more "
                             f"than {cpus:g} CPUs; set [runtime] threads to at most {int(cpus)} or add larger nodes")

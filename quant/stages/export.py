@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -159,6 +159,30 @@ def _write_records(model, settings, root, report, prompts, seed, options) -> Non
     })
     write_onnx_manifest(root, "onnx", model, settings, {r.module: Path(r.path) for r in report.records},
                         {p.module: {"parity_passed": p.passed} for p in report.parity})
+
+
+class _Quiet:
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+
+def export_task(context, module: str, settings: GenerationSettings, prompts: list[str], options: ExportOptions,
+                seed: int = 0) -> tuple[ExportRecord, Parity]:
+    """One module's export and parity (a task, ``quant.stages.executor``): inputs captured from
+    FP32 generations of ``prompts``, ``onnx/fp32/<module>.onnx`` written under ``context.root``.
+    The records shared by the modules are the driver's to write (``record_export``)."""
+    model = context.model
+    check_modules_called(model.pipe, settings)
+    settings.check_for(model.pipe)
+    recorded = capture_inputs(model, settings, prompts, seed)
+    return _export_one(model, module, spread(recorded[module], PARITY_SAMPLES), Path(context.root), options, _Quiet())
+
+
+def record_export(model: LoadedModel, settings: GenerationSettings, root: Path, prompts: list[str],
+                  options: ExportOptions, record: ExportRecord, parity: Parity, seed: int = 0) -> None:
+    """``parity.json`` and the FP32 manifest updated with one ``export_task``'s module."""
+    record = replace(record, path=str(onnx_path(root, "onnx", record.module)))  # where the driver has it
+    _write_records(model, settings, Path(root), ExportReport([record], [parity]), prompts, seed, options)
 
 
 def export_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path, prompts: list[str],
