@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
+
+import psutil
 
 import pytest
 
@@ -40,6 +43,34 @@ def test_process_run_equals_local_run(tiny_audit, tmp_path):
                            for m, e in json.loads((w / "parity.json").read_text())["modules"].items()}
                           for w in (work_a, work_b))
     assert parity_a == parity_b and len(parity_a) == 4
+
+
+def test_ctrl_c_stops_the_workers_and_a_rerun_keeps_what_finished(tiny_audit, tmp_path):
+    out = tmp_path / "interrupted"
+    run = run_cli(tiny_audit.config, out, "--executor", "processes")
+    deadline, ledger = time.monotonic() + 600, None
+    while time.monotonic() < deadline and run.poll() is None:
+        ledgers = list(out.glob("work/*/stages.json"))
+        stages = json.loads(ledgers[0].read_text())["stages"] if ledgers else {}
+        if "calibrate" in stages and any(n.startswith("export:") for n in stages):
+            ledger = ledgers[0]
+            break
+        time.sleep(0.1)
+    assert ledger is not None, "the run ended before its first batch did"
+    workers = psutil.Process(run.pid).children(recursive=True)
+    run.send_signal(signal.SIGINT)  # the driver only, as a terminal's Ctrl-C reaches it first
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "interrupted; finished files are kept" in err, err[-2000:]
+    _, alive = psutil.wait_procs(workers, timeout=30)  # the workers and their fork server end with the driver
+    assert workers and not alive, alive
+    finished = set(json.loads(ledger.read_text())["stages"])
+    again = run_cli(tiny_audit.config, out, "--executor", "processes")
+    _, err = again.communicate(timeout=900)
+    assert again.returncode == 0, err[-3000:]
+    results, _ = audit_outcome(out)
+    reused = {s["name"] for s in results["stages"] if s["reused"]}
+    assert finished <= reused and "calibrate" in reused
+    assert audit_quality(results) == audit_quality(audit_outcome(tiny_audit.out)[0])
 
 
 def _fails(context, name: str):

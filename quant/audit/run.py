@@ -69,8 +69,9 @@ GENERATE_SOURCES = ("quant.pipeline.sampling", "quant.pipeline.ort_modules", "qu
 SCORE_SOURCES = ("quant.stages.score", "metrics.psnr", "metrics.ssim", "metrics.temporal", "metrics.tensor",
                  "metrics.scores", "metrics.adherence", "metrics.shapes_world")
 # What Ray workers must run the same code of (quant.stages.executor): every task function's stage.
-TASK_SOURCES = tuple(dict.fromkeys(EXPORT_SOURCES + CALIBRATE_SOURCES + QUANTIZE_SOURCES + EMULATE_SOURCES + GENERATE_SOURCES + SCORE_SOURCES + (
-    "quant.stages.executor", "quant.recipes.int8", "quant.recipes.fp16", "quant.recipes.inc")))
+TASK_SOURCES = tuple(dict.fromkeys(
+    EXPORT_SOURCES + CALIBRATE_SOURCES + QUANTIZE_SOURCES + EMULATE_SOURCES + GENERATE_SOURCES + SCORE_SOURCES
+    + ("quant.stages.executor", "quant.recipes.int8", "quant.recipes.fp16", "quant.recipes.inc")))
 SENSITIVITY_SOURCES = ("quant.stages.sensitivity", "quant.recipes.quantize", "quant.recipes.int8", "quant.recipes.fp16")
 
 
@@ -210,8 +211,9 @@ class Audit:
         if self._executor is None:
             from quant.stages.executor import make_executor
 
-            self._executor = make_executor(self.config.executor, self.model, self.work, self.target, self.config.run_threads,
-                                           self.config.ray_address, TASK_SOURCES, self.config.workers)
+            self._executor = make_executor(self.config.executor, self.model, self.work, self.target,
+                                           self.config.run_threads, self.config.ray_address, TASK_SOURCES,
+                                           self.config.workers)
             self.executor_workers = getattr(self._executor, "workers", None)
         return self._executor
 
@@ -296,7 +298,8 @@ class Audit:
         ``<recipe>~<target>`` is then emulated from ``<recipe>``'s models."""
         variants = self.variants if variants is None else variants
         used = list(dict.fromkeys((r, m) for v in variants for m, r in v.modules.items() if r not in ("torch", "onnx")))
-        jobs = sorted(dict.fromkeys((split_target(r)[0], m) for r, m in used), key=lambda job: cost_rank(job[1], job[0]))
+        jobs = sorted(dict.fromkeys((split_target(r)[0], m) for r, m in used),
+                      key=lambda job: cost_rank(job[1], job[0]))
         stages = []
         for recipe, module in jobs:
             keep = self.keep_fp32.get(recipe, ())

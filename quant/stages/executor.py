@@ -213,9 +213,19 @@ class ProcessExecutor:
                                              + [(t, "its worker process pool broke") for t in pending.values()]) from None
                         bar.update(1)
                         on_result(TaskResult(task, value, LOCAL, seconds))
+        except KeyboardInterrupt:  # Ctrl-C: the workers stop now (a running task's files are not
+            self._kill()           # collected, so nothing half-made is used), not after their tasks
+            raise
         finally:
             for future in pending:  # an error or interrupt: what has not started does not start
                 future.cancel()
+
+    def _kill(self) -> None:
+        if self._pool is not None:
+            for process in list(getattr(self._pool, "_processes", {}).values()):  # no public way before 3.14
+                process.kill()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:
