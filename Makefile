@@ -26,7 +26,7 @@ demo: $(STAMP)
 	  if [ $$code -gt 1 ]; then exit $$code; fi; \
 	  echo "demo done (exit $$code: $$( [ $$code -eq 0 ] && echo 'every gate passed' || echo 'a gate failed, see the report'))"
 
-# Train wan2.2-t2v-shapes from its seed on clips the package renders: 36.6 min on 2 cores (Xeon,
+# Train wan2.2-t2v-shapes from its seed on clips the package renders: about 41 min on 2 cores (Xeon,
 # AVX-512). The result replaces quant/pipeline/weights/wan2.2-t2v-shapes/ atomically: the checkpoint
 # the default audit (audit.toml) runs, committed with this script's defaults (README, "Prompt adherence").
 weights: $(STAMP)

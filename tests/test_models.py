@@ -251,6 +251,26 @@ def test_per_frame_init_sends_every_frame_down_the_first_frames_path():
     assert spread(raw) > 0.05 and spread(prepared) < 1e-5
 
 
+def test_denoisers_on_a_vae_taken_as_trained_are_those_of_a_whole_run(tmp_path):
+    """``--vae-from`` (the VAE phases skipped) then the denoisers gives bit for bit the experts and
+    encoder of a whole run from the same seed: an experiment on the denoisers alone is what
+    ``make weights`` reproduces. With the object-weighted loss, which reads the empty clip's latents."""
+    from quant.pipeline.train_shapes import train
+
+    from safetensors.torch import load_file
+
+    small = dict(vae_batch=1, dit_steps=3, dit_batch=2, seeds_per_spec=1, threads=2, check_clips=2, vae_frame_batch=2,
+                 object_weight=5.0)
+    whole, again = tmp_path / "whole", tmp_path / "again"
+    train(whole, seed=0, vae_steps=2, vae_frame_steps=2, **small)
+    info = train(again, seed=0, vae_steps=2, vae_frame_steps=2, vae_from=whole, **small)
+    assert info["vae_from"] == str(whole) and info["object_weight"] == 5.0
+    for part in ("vae", "text_encoder", "transformer", "transformer_2"):
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        a, b = load_file(str(whole / part / name)), load_file(str(again / part / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
 def test_training_schedule_runs_every_step_count():
     """`--steps 20` once ended a run with ZeroDivisionError inside OneCycleLR (a one-step warm-up)."""
     from quant.pipeline.train_shapes import one_cycle
@@ -294,7 +314,8 @@ def test_make_weights_defaults_are_the_shipped_checkpoints_recipe():
                 "vae_steps": "vae_steps", "vae_batch": "vae_batch", "vae_lr": "vae_lr", "edge_weight": "edge_weight",
                 "steps": "denoiser_steps", "batch": "denoiser_batch", "clips": "clips_per_combination",
                 "lr": "denoiser_lr", "patch": "patch", "temporal_patch": "temporal_patch", "layers": "layers",
-                "head_dim": "head_dim", "high_share": "high_noise_share", "target": "denoiser_target"}
+                "head_dim": "head_dim", "high_share": "high_noise_share", "target": "denoiser_target",
+                "object_weight": "object_weight"}
     assert {flag: args[flag] for flag in recorded} == {flag: info[key] for flag, key in recorded.items()}
     assert args["vae_from"] is None and info["vae_from"] is None
     shipped = json.loads((models.SHAPES_WEIGHTS / "transformer" / "config.json").read_text(encoding="utf-8"))

@@ -221,13 +221,18 @@ def posterior_x0(xt: torch.Tensor, sigma: torch.Tensor, own: torch.Tensor, laten
 
 def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int, batch: int, lr: float,
                     generator: torch.Generator, rng: np.random.Generator, log: list, ema_decay: float = 0.998,
-                    high_share: float = 0.5, target: str = "sample", unconditional_refs: int = 512) -> None:
+                    high_share: float = 0.5, target: str = "sample", unconditional_refs: int = 512,
+                    object_weight: float = 1.0, background: torch.Tensor | None = None) -> None:
     """Flow matching of the text encoder and both experts; ``high_share`` of each batch goes to the
     high-noise expert (``transformer``), the rest to ``transformer_2`` (each gets one sample at least).
 
     ``target``: ``"stf"`` regresses on ``(x_t - E[x0 | x_t]) / sigma`` with the posterior over the
     clips of the same prompt (:func:`posterior_x0`; ``unconditional_refs`` random clips, the sample's
-    own among them, for the dropped prompts); ``"sample"`` on the usual ``noise - x0``."""
+    own among them, for the dropped prompts); ``"sample"`` on the usual ``noise - x0``.
+
+    ``object_weight`` > 1: the squared error where the object is (latent positions that differ from
+    ``background``, the latents of an empty clip, by over a quarter of the clip's largest
+    difference) counts that many times the rest's."""
     if target not in ("stf", "sample"):
         raise ValueError(f"target must be 'stf' or 'sample', got {target!r}")
     if not 0.0 < high_share < 1.0:
@@ -275,11 +280,19 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
             goal = (xt - posterior_x0(xt, sigma, pick, latents, groups)) / s
         else:
             goal = noise - x0
+        weight = None
+        if object_weight != 1.0:
+            far = (x0 - background).abs().sum(dim=1, keepdim=True)
+            weight = 1.0 + (object_weight - 1.0) * (far > 0.25 * far.amax(dim=(2, 3, 4), keepdim=True)).float()
         loss = 0.0
         for name, part in (("transformer", slice(0, half)), ("transformer_2", slice(half, batch))):
             pred = modules[name](hidden_states=xt[part], timestep=sigma[part] * 1000, encoder_hidden_states=emb[part],
                                  return_dict=False)[0]
-            loss = loss + F.mse_loss(pred, goal[part]) / 2
+            if weight is None:
+                loss = loss + F.mse_loss(pred, goal[part]) / 2
+            else:
+                w = weight[part]
+                loss = loss + ((pred - goal[part]).pow(2) * w).mean() / w.mean() / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -299,7 +312,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
           seeds_per_spec: int, threads: int | None, check_clips: int = 24, vae_frame_steps: int = 0,
           vae_frame_batch: int = 16, vae_lr: float = 3e-3, edge_weight: float = 0.0,
           vae_from: Path | None = None, dit_lr: float = 1e-3, patch: int = 2, layers: int = 6, head_dim: int = 16,
-          high_share: float = 0.5, target: str = "sample", temporal_patch: int = 5) -> dict:
+          high_share: float = 0.5, target: str = "sample", temporal_patch: int = 5, object_weight: float = 5.0) -> dict:
     """Train and write the checkpoint folder ``out`` (atomically); returns ``training.json``'s content.
 
     ``vae_from``: a checkpoint folder whose VAE is taken as trained (its VAE phases are skipped),
@@ -315,6 +328,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     started = time.monotonic()
     pipe = build_t2v_shapes_untrained(seed, patch=patch, layers=layers, head_dim=head_dim, temporal_patch=temporal_patch)
     per_frame_temporal_init(pipe.vae)
+    denoiser_state = torch.get_rng_state()  # the denoiser phase starts here whether the VAE trains or not
     log: list = []
     if vae_from is not None:
         from safetensors.torch import load_file
@@ -338,9 +352,19 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     mean_t = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std_t = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
     latents = (raw - mean_t) / std_t  # what the pipeline's sampler works in
+    background = None
+    if object_weight != 1.0:  # the latents of a clip of background only
+        with torch.no_grad():
+            empty = np.full((1, FRAMES, SIZE, SIZE, 3), BACKGROUND, np.uint8)
+            background = (pipe.vae.encode(_to_tensor(empty)).latent_dist.mean - mean_t) / std_t
+    # The VAE phases draw from torch's and numpy's streams; the denoiser phase (batches, noise, the
+    # text encoder's dropout) starts from the same state with or without them, so training the
+    # denoisers on a VAE taken as trained (--vae-from) gives what a whole run from the seed gives.
+    torch.set_rng_state(denoiser_state)
+    rng = np.random.default_rng(seed)
     if dit_steps:  # 0: a checkpoint whose VAE is trained, for --vae-from
         train_denoisers(pipe, latents, prompts, dit_steps, dit_batch, dit_lr, generator, rng, log,
-                        high_share=high_share, target=target)
+                        high_share=high_share, target=target, object_weight=object_weight, background=background)
     seconds = time.monotonic() - started
     info = {
         "model": SHAPES_MODEL, "seed": seed, "vae_frame_steps": vae_frame_steps, "vae_frame_batch": vae_frame_batch,
@@ -349,7 +373,8 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
         "threads": torch.get_num_threads(), "seconds": round(seconds, 1), "vae_seconds": round(vae_seconds, 1),
         "vae_reconstruction_adherence": vae_check, "vae_from": str(vae_from) if vae_from else None, "denoiser_lr": dit_lr,
         "patch": patch, "temporal_patch": temporal_patch, "layers": layers, "head_dim": head_dim,
-        "high_noise_share": high_share, "denoiser_target": target, "versions": versions(), "log": log,
+        "high_noise_share": high_share, "denoiser_target": target, "object_weight": object_weight,
+        "versions": versions(), "log": log,
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -403,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the share of each denoiser batch that trains the high-noise expert")
     parser.add_argument("--target", choices=("stf", "sample"), default="sample",
                         help="denoiser regression target: stf (posterior mean over the prompt's clips) or sample (noise - x0)")
+    parser.add_argument("--object-weight", type=float, default=5.0,
+                        help="denoiser loss: the object's latent positions count this many times the background's "
+                             "(1: plain MSE; 5 took shape over all 96 prompts from 61.5%% to 74%%)")
     parser.add_argument("--threads", type=int, default=None)
     return parser
 
@@ -413,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                  vae_frame_steps=args.vae_frame_steps, vae_frame_batch=args.vae_frame_batch,
                  vae_lr=args.vae_lr, edge_weight=args.edge_weight, vae_from=args.vae_from, dit_lr=args.lr,
                  patch=args.patch, layers=args.layers, head_dim=args.head_dim,
-                 high_share=args.high_share, target=args.target, temporal_patch=args.temporal_patch)
+                 high_share=args.high_share, target=args.target, temporal_patch=args.temporal_patch,
+                 object_weight=args.object_weight)
     print(f"wrote {args.out} in {info['seconds'] / 60:.1f} min")
     return 0
 
