@@ -17,7 +17,9 @@ writes ``runs/<run-id>``) and sets, per stage group:
 - the whole run: the sum of its stages, and ``finished - started`` from ``results.json`` (to
   one second; the report stage runs after ``finished`` is written).
 
-Stages a run reused from its cache are counted as reused, with their (small) wall time. No
+A stage's seconds are the sum of its tasks' seconds: with ``executor = "processes"`` or ``"ray"``
+the tasks of a batch overlap, so the stages' total exceeds the run's wall time (both are printed).
+Stages a run reused from its cache are counted as reused, with their (small) time. No
 thresholds: compare the shares across commits. The CPU is printed: the run's target's model name
 (``/proc/cpuinfo``, what ``lscpu`` shows), and this machine's where the kernels were re-timed.
 
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = measure(args.run, args.rescore)
     print(f"CPU: {report['cpu']}; target {report['target']}; run {report['run']}")
-    print(f"{'stage':<10} {'stages':>6} {'reused':>6} {'wall s':>8} {'work s':>8} {'share':>6}  work is")
+    print(f"{'stage':<10} {'stages':>6} {'reused':>6} {'stage s':>8} {'work s':>8} {'share':>6}  work is")
     what = {"generate": "pipeline calls (module calls alone: {modules:.1f} s over {videos} videos)",
             "score": "metric kernels (PSNR, SSIM RGB + luma, temporal), timed again"}
     for name, g in sorted(report["groups"].items(), key=lambda kv: -kv[1]["wall"]):

@@ -267,7 +267,7 @@ def tile_pixels(width: int, channels: int, l2_bytes: int | None = None) -> int:
     widest = max(CHUNK, budget // CHUNK * CHUNK)
     valid = max(1, width - 2 * RADIUS)
     tiles = -(-valid // widest)
-    return -(-valid // tiles // CHUNK) * CHUNK if tiles > 1 else -(-valid // CHUNK) * CHUNK
+    return -(-valid // tiles // CHUNK) * CHUNK
 
 
 def _interleaved(frame: np.ndarray) -> tuple[np.ndarray, int]:

@@ -39,6 +39,7 @@ from quant.stages.workspace import Workspace
 from quant.support.progress import progress
 from quant.support.target import torch_device
 from quant.pipeline.prompts import read_prompts
+from quant.recipes.names import onnx_path
 from quant.pipeline.settings import GenerationSettings
 
 SCHEMA_VERSION = 2  # 2: samples stratified over call positions (spread_indices)
@@ -235,6 +236,24 @@ def _valid_cache(folder: Path, key: str) -> dict | None:
 
 def calibration_dir(root: Path) -> Path:
     return Path(root) / "calibration"
+
+
+def task_calibration(root: Path) -> CalibrationSet:
+    """The calibration cache under a task's ``root``: its manifest was verified by the driver, and
+    its samples arrive checked by content (``quant.stages.executor``)."""
+    folder = calibration_dir(root)
+    return CalibrationSet(folder, json.loads((folder / "manifest.json").read_text(encoding="utf-8")))
+
+
+def task_inputs(root: Path, module: str, folders: tuple[str, ...]) -> tuple[str, ...]:
+    """What a task on ``module``'s models reads, relative to ``root``: each ONNX folder's manifest,
+    the module's model and its external data, and the module's calibration samples."""
+    paths = []
+    for folder in folders:
+        model = onnx_path(root, folder, module)
+        paths += [model.with_name("manifest.json"), model, Path(f"{model}.data")]
+    paths += [calibration_dir(root) / "manifest.json", calibration_dir(root) / module]
+    return tuple(str(p.relative_to(root)) for p in paths)
 
 
 def calibrate(model: LoadedModel, spec: CalibrationSpec, settings: GenerationSettings, root: Path,

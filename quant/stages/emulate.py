@@ -15,12 +15,11 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
 
-from quant.stages.calibrate import CalibrationSet, calibration_dir
+from quant.stages.calibrate import CalibrationSet, task_calibration, task_inputs
 from quant.recipes.emulate import emulate_model, float_math_model
 from quant.support.files import atomic_write_json
 from quant.pipeline.models import LoadedModel
@@ -75,19 +74,12 @@ def record_emulated(model: LoadedModel, settings: GenerationSettings, root: Path
 def emulate_task(context, recipe: str, module: str, settings: GenerationSettings) -> dict:
     """One module's emulation (a task, ``quant.stages.executor``) under ``context.root``; returns its
     report entry (the driver records it: ``record_emulated``)."""
-    folder = calibration_dir(context.root)
-    calibration = CalibrationSet(folder, json.loads((folder / "manifest.json").read_text(encoding="utf-8")))
-    return _emulate_one(context.model, settings, Path(context.root), recipe, module, calibration)
+    return _emulate_one(context.model, settings, Path(context.root), recipe, module, task_calibration(context.root))
 
 
 def emulate_inputs(root: Path, recipe: str, module: str) -> tuple[str, ...]:
     """What ``emulate_task`` reads, relative to ``root``."""
-    paths = []
-    for folder in ("onnx", split_target(recipe)[0]):
-        model = onnx_path(root, folder, module)
-        paths += [model.with_name("manifest.json"), model, Path(f"{model}.data")]
-    paths += [calibration_dir(root) / "manifest.json", calibration_dir(root) / module]
-    return tuple(str(p.relative_to(root)) for p in paths)
+    return task_inputs(root, module, ("onnx", split_target(recipe)[0]))
 
 
 def emulate_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path, recipe: str,

@@ -13,12 +13,11 @@ Example::
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from quant.pipeline.torch_modules import torch_module
-from quant.stages.calibrate import CalibrationSet, calibration_dir, open_calibration
+from quant.stages.calibrate import CalibrationSet, open_calibration, task_calibration, task_inputs
 from quant.stages.executor import TaskContext
 from quant.support.environment import versions
 from quant.errors import UserError
@@ -76,8 +75,7 @@ def quantize_task(context: TaskContext, recipe: str, module: str, options: Quant
     """``quantize_module`` as a task (``quant.stages.executor``) under ``context.root``: the calibration
     manifest was verified by the driver, and its samples arrive checked by content. ``cache``: the
     range cache (``QuantizeOptions.calibration_cache``) relative to the root."""
-    folder = calibration_dir(context.root)
-    calibration = CalibrationSet(folder, json.loads((folder / "manifest.json").read_text(encoding="utf-8")))
+    calibration = task_calibration(context.root)
     if cache is not None:
         options = replace(options, calibration_cache=str(context.root / cache))
     return quantize_module(context.model, settings, context.root, recipe, options, module, calibration)
@@ -85,10 +83,7 @@ def quantize_task(context: TaskContext, recipe: str, module: str, options: Quant
 
 def quantize_inputs(root: Path, module: str, cache: str | None = None) -> tuple[str, ...]:
     """What ``quantize_task`` reads, relative to ``root``."""
-    src = onnx_path(root, "onnx", module)
-    paths = [src.with_name("manifest.json"), src, Path(str(src) + ".data"), calibration_dir(root) / "manifest.json",
-             calibration_dir(root) / module]
-    return tuple(str(p.relative_to(root)) for p in paths) + ((cache,) if cache else ())
+    return task_inputs(root, module, ("onnx",)) + ((cache,) if cache else ())
 
 
 def quantize_pipeline(model: LoadedModel, settings: GenerationSettings, root: Path, recipe: str,
