@@ -17,6 +17,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -qq --disable-pip-version-check --no-deps --config-settings editable_mode=compat -e .
+	$(PY) -c "from metrics.fused import compile_kernels; compile_kernels()"  # numba's cache, as pip compiles .pyc
 	touch $@
 
 # The whole default audit (audit.toml): export, calibrate, quantize, regenerate, score, gates,

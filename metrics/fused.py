@@ -286,6 +286,24 @@ def ssim_frame(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     return sums / ((height - 2 * RADIUS) * (width - 2 * RADIUS))
 
 
+# What the audit scores: RGB uint8 frames, BT.601 luma (float32), frame differences (float64).
+KERNEL_DTYPES = (np.uint8, np.float32, np.float64)
+
+
+def compile_kernels() -> None:
+    """Compile the kernels for every frame type the audit scores into numba's cache (or load them
+    from it), by running them on small frames. ``make``'s install step runs this, as pip compiles
+    bytecode at install: otherwise each worker process of a clone's first audit compiles them at
+    its first score (12 s a process on 2 cores, measured). Not to be run in the fork server: a
+    process that ran a parallel kernel has started numba's thread pool, and processes forked from
+    it break at their first parallel call."""
+    for dtype in KERNEL_DTYPES:
+        frame = np.zeros((2 * RADIUS + 1, 2 * RADIUS + 1, 3), dtype)
+        ssim_frame(frame, frame)
+    frame = np.zeros((1, 1, 3), np.uint8)
+    squared_error(frame, frame)
+
+
 def squared_error(reference: np.ndarray, candidate: np.ndarray) -> int:
     """Sum of squared differences over all values of one uint8 frame pair, exact."""
     x, _ = _interleaved(reference)

@@ -260,3 +260,29 @@ def test_ssim_does_not_depend_on_the_number_of_threads():
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(one, many)
+
+
+def test_compile_kernels_covers_every_kernel_the_scores_run():
+    """``make``'s install step compiles the kernels into numba's cache (``compile_kernels``); a
+    frame type it missed would be compiled by every worker of a clone's first audit. A fresh
+    process, so that no other test's calls have compiled anything."""
+    import sys
+
+    script = """
+import numpy as np
+from metrics import fused
+from metrics.scores import score_video
+fused.compile_kernels()
+kernels = (fused._ssim_sums, fused._squared_error)
+before = [set(k.signatures) for k in kernels]
+rng = np.random.default_rng(0)
+reference = rng.integers(0, 256, (3, 24, 20, 3), dtype=np.uint8)
+candidate = np.clip(reference + rng.normal(0, 9, reference.shape), 0, 255).astype(np.uint8)
+rows = score_video(reference, candidate)  # RGB, luma, frame differences, squared errors
+assert rows["ssim"].notna().all() and rows["motion_ssim"].iloc[1:].notna().all()
+assert [set(k.signatures) for k in kernels] == before, (before, [k.signatures for k in kernels])
+print(*map(len, before))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(len(fused.KERNEL_DTYPES)), "1"]

@@ -101,3 +101,39 @@ def test_names_that_are_not_folder_names_are_refused(tmp_path, name):
     ws = Workspace(tmp_path)
     with pytest.raises(UserError, match="cannot be a folder name"):
         ws.videos(tmp_path, name)
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # ``from metrics.x import NAME``: NAME is not a module
+        return False
+
+
+def test_the_score_stage_key_sees_every_metrics_module_it_runs():
+    """A change to a metric's code must redo the scores: every ``metrics`` module the score stage's
+    sources import (at any depth) is one of its sources (``metrics.fused``, the kernels, was not)."""
+    import ast
+    import importlib.util
+
+    from quant.audit.run import SCORE_SOURCES
+
+    seen, todo = set(), [m for m in SCORE_SOURCES]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse(open(importlib.util.find_spec(name).origin, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            todo += [n for n in names if n.startswith("metrics.") and _is_module(n)]
+    metrics_modules = {n for n in seen if n.startswith("metrics.")}
+    assert metrics_modules <= set(SCORE_SOURCES), sorted(metrics_modules - set(SCORE_SOURCES))

@@ -66,8 +66,8 @@ CALIBRATE_SOURCES = ("quant.stages.calibrate", "quant.pipeline.capture", "quant.
 EMULATE_SOURCES = ("quant.recipes.emulate", "quant.stages.emulate", "quant.recipes.census")
 GENERATE_SOURCES = ("quant.pipeline.sampling", "quant.pipeline.ort_modules", "quant.pipeline.video_io",
                     "quant.stages.generate")
-SCORE_SOURCES = ("quant.stages.score", "metrics.psnr", "metrics.ssim", "metrics.temporal", "metrics.tensor",
-                 "metrics.scores", "metrics.adherence", "metrics.shapes_world")
+SCORE_SOURCES = ("quant.stages.score", "metrics.psnr", "metrics.ssim", "metrics.fused", "metrics.torch_kernels",
+                 "metrics.temporal", "metrics.tensor", "metrics.scores", "metrics.adherence", "metrics.shapes_world")
 # What Ray workers must run the same code of (quant.stages.executor): every task function's stage.
 TASK_SOURCES = tuple(dict.fromkeys(
     EXPORT_SOURCES + CALIBRATE_SOURCES + QUANTIZE_SOURCES + EMULATE_SOURCES + GENERATE_SOURCES + SCORE_SOURCES
