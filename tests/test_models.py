@@ -315,9 +315,11 @@ def test_make_weights_defaults_are_the_shipped_checkpoints_recipe():
                 "steps": "denoiser_steps", "batch": "denoiser_batch", "clips": "clips_per_combination",
                 "lr": "denoiser_lr", "patch": "patch", "temporal_patch": "temporal_patch", "layers": "layers",
                 "head_dim": "head_dim", "high_share": "high_noise_share", "target": "denoiser_target",
-                "object_weight": "object_weight"}
+                "object_weight": "object_weight", "sample_shift": "sample_shift"}
     assert {flag: args[flag] for flag in recorded} == {flag: info[key] for flag, key in recorded.items()}
     assert args["vae_from"] is None and info["vae_from"] is None
+    scheduler = json.loads((models.SHAPES_WEIGHTS / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    assert scheduler["flow_shift"] == args["sample_shift"]
     shipped = json.loads((models.SHAPES_WEIGHTS / "transformer" / "config.json").read_text(encoding="utf-8"))
     untrained = models.build_t2v_shapes_untrained().transformer.config
     for key in ("patch_size", "num_layers", "attention_head_dim", "num_attention_heads", "ffn_dim"):
