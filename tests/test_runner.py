@@ -117,16 +117,17 @@ def test_the_score_stage_key_sees_every_metrics_module_it_runs():
     sources import (at any depth) is one of its sources (``metrics.fused``, the kernels, was not)."""
     import ast
     import importlib.util
+    from pathlib import Path
 
     from quant.audit.run import SCORE_SOURCES
 
-    seen, todo = set(), [m for m in SCORE_SOURCES]
+    seen, todo = set(), list(SCORE_SOURCES)
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        tree = ast.parse(open(importlib.util.find_spec(name).origin, encoding="utf-8").read())
+        tree = ast.parse(Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]

@@ -15,6 +15,9 @@ Two phases, both on CPU:
    are exponential moving averages. The experts patch 5x2x2 (every latent frame of a place in
    one token), which is what made their objects move coherently (``build_t2v_shapes_untrained``).
 
+The saved scheduler samples with flow shift 8 (``--sample-shift``); training draws its sigmas at
+the untrained pipeline's shift 3. Eight steps at shift 8 give the high-noise expert five of them.
+
 The defaults are the committed checkpoint's recipe (6 blocks per expert, 9000 denoiser steps):
 ``make weights`` (seed 0) retrains it, 36.6 min on 2 cores (Xeon, AVX-512; its VAE came out bit for
 bit the committed one's).
