@@ -18,9 +18,11 @@ Two phases, both on CPU:
 The saved scheduler samples with flow shift 8 (``--sample-shift``); training draws its sigmas at
 the untrained pipeline's shift 3. Eight steps at shift 8 give the high-noise expert five of them.
 
-The defaults are the committed checkpoint's recipe (6 blocks per expert, 9000 denoiser steps):
-``make weights`` (seed 0) retrains it, 36.6 min on 2 cores (Xeon, AVX-512; its VAE came out bit for
-bit the committed one's).
+The defaults are the committed checkpoint's recipe (6 blocks per expert, 9000 denoiser steps,
+object weight 5): ``make weights`` (seed 0) retrains it, about 41 min expected on 2 cores (Xeon,
+AVX-512: the VAE phases 5.2 min, the denoisers 35.9; the committed checkpoint was made in those two
+runs, ``training.json``'s ``provenance``; a whole run from the seed was last timed before the
+object weight, 36.6 min).
 
 The result is a diffusers checkpoint folder (safetensors) with ``training.json`` (seed, steps,
 losses, versions, time). Usage::
