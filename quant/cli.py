@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from quant.errors import CheckFailed, TaskFailed, UserError  # noqa: E402
+from quant.support import interrupt  # noqa: E402
 from quant.support.quiet import quiet_libraries  # noqa: E402
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
@@ -448,7 +449,11 @@ class _QuietPipe:
 
 
 def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise KeyboardInterrupt  # SIGTERM (CI cancelling a job) ends like Ctrl-C: finished files kept
+    """SIGTERM (CI cancelling a job) and Ctrl-C: end like Ctrl-C, finished files kept. Recorded as
+    well as raised: a ``KeyboardInterrupt`` raised inside a finalizer is dropped by Python, and the
+    stage runner then stops at the next stage or task (``quant.support.interrupt``)."""
+    interrupt.request()
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,10 +462,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if not isinstance(sys.stdout, _QuietPipe):
         sys.stdout = _QuietPipe(sys.stdout)
+    interrupt.clear()
     try:  # only the main thread may set handlers (main() called from a worker thread keeps the default)
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _terminate)
     except ValueError:
-        previous = None
+        previous = {}
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -483,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         print("quant-audit: internal error (exit 3); please report it with the traceback above", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -436,7 +436,7 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_it_resumes(folder):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130 and "interrupted; finished files are kept" in err
+    assert proc.returncode == 130 and "interrupted; finished files are kept" in err, (proc.returncode, err[-3000:])
     run = next(out.glob("2*/run.json"))
     assert json.loads(run.read_text())["status"] == "running"
     assert "export:text_encoder" in json.loads(next(out.glob("work/*/stages.json")).read_text())["stages"]

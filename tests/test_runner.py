@@ -138,3 +138,44 @@ def test_the_score_stage_key_sees_every_metrics_module_it_runs():
             todo += [n for n in names if n.startswith("metrics.") and _is_module(n)]
     metrics_modules = {n for n in seen if n.startswith("metrics.")}
     assert metrics_modules <= set(SCORE_SOURCES), sorted(metrics_modules - set(SCORE_SOURCES))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt, as intended
+def test_an_interrupt_python_drops_in_a_finalizer_still_stops_the_batch(tmp_path):
+    """Ctrl-C or SIGTERM whose KeyboardInterrupt is raised inside a ``__del__`` is printed and
+    dropped by Python; the run must still stop at the next task, keeping the stage it finished
+    (before: it went on to the end and exited 0, as a CI cancel was seen to do once)."""
+    import signal
+
+    from quant.cli import _terminate
+    from quant.stages.executor import LocalExecutor, Task
+    from quant.support import interrupt
+
+    class Finalized:
+        def __del__(self):
+            _terminate(signal.SIGTERM, None)  # the CLI's handler, run where Python swallows its exception
+
+    ran: list[str] = []
+
+    def task(context, name):
+        ran.append(name)
+        if name == "a":
+            Finalized()  # collected at once: the interrupt is raised in __del__ and dropped
+        return name
+
+    def stage(name):
+        return Stage(name, {}, work=lambda: None, tasks=lambda: [Task(name, task, {"name": name})],
+                     collect=lambda result: None)
+
+    ledger = Ledger(tmp_path)
+    runner = StageRunner(ledger)
+    interrupt.clear()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_batch([stage("a"), stage("b"), stage("c")], LocalExecutor(None, tmp_path), "t",
+                                          show_progress=False)
+    finally:
+        interrupt.clear()
+    assert ran == ["a"]  # the interrupt was dropped inside task a, and no later task started
+    assert ledger.done("a", runner.keys["a"])  # the stage it finished is kept
+    assert not ledger.done("b", runner.keys["b"]) and not ledger.done("c", runner.keys["c"])

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from quant.stages.ledger import Ledger, stage_key
+from quant.support import interrupt
 from quant.support.files import file_hash
 
 
@@ -93,9 +94,11 @@ class StageRunner:
     def _report(self, result: StageRun) -> StageRun:
         if self.done is not None:
             self.done(result)
+        interrupt.check()  # a stop the signal handler could not deliver (quant.support.interrupt)
         return result
 
     def run(self, stage: Stage) -> StageRun:
+        interrupt.check()
         key = self.key(stage)
         self.keys[stage.name] = key
         if self._reusable(stage, key):
@@ -151,6 +154,7 @@ class StageRunner:
             entry["left"] -= 1
             if entry["left"] == 0:
                 finish(name)
+            interrupt.check()  # after the task's result is kept (quant.support.interrupt)
 
         planned = [t for e in open_.values() for t in e["tasks"]]
         for name in [n for n, e in open_.items() if e["left"] == 0]:  # nothing left to do: finish now
