@@ -21,10 +21,6 @@ def request() -> None:
     _requested = True
 
 
-def requested() -> bool:
-    return _requested
-
-
 def check() -> None:
     """Raise ``KeyboardInterrupt`` if a stop was requested (see the module doc)."""
     if _requested:
