@@ -173,7 +173,7 @@ def test_an_interrupt_python_drops_in_a_finalizer_still_stops_the_batch(tmp_path
     try:
         with pytest.raises(KeyboardInterrupt):
             runner.run_batch([stage("a"), stage("b"), stage("c")], LocalExecutor(None, tmp_path), "t",
-                                          show_progress=False)
+                             show_progress=False)
     finally:
         interrupt.clear()
     assert ran == ["a"]  # the interrupt was dropped inside task a, and no later task started

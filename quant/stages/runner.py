@@ -94,11 +94,10 @@ class StageRunner:
     def _report(self, result: StageRun) -> StageRun:
         if self.done is not None:
             self.done(result)
-        interrupt.check()  # a stop the signal handler could not deliver (quant.support.interrupt)
         return result
 
     def run(self, stage: Stage) -> StageRun:
-        interrupt.check()
+        interrupt.check()  # a stop the signal handler could not deliver (quant.support.interrupt)
         key = self.key(stage)
         self.keys[stage.name] = key
         if self._reusable(stage, key):
@@ -121,6 +120,7 @@ class StageRunner:
         """
         from quant.stages.executor import summarize_where
 
+        interrupt.check()
         runs: dict[str, StageRun] = {}
         open_: dict[str, dict] = {}
         owner: dict[int, str] = {}

@@ -6,8 +6,8 @@ that is inside a finalizer (``__del__``, a ``weakref.finalize`` callback, a gene
 closed), the ``KeyboardInterrupt`` the handler raises is printed as "Exception ignored in ..." and
 dropped, and the run goes on to the end with exit 0, as if no one had asked it to stop. So the
 command line's handler (``quant.cli``) also records the request here, and the stage runner calls
-:func:`check` as each stage and each task finishes: a swallowed interrupt still stops the run at
-the next of them, with every finished stage kept.
+:func:`check` before each stage or batch of stages starts and after each task's result is kept: a
+swallowed interrupt still stops the run at the next of them, with every finished stage kept.
 """
 
 from __future__ import annotations
