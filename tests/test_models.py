@@ -286,7 +286,8 @@ def test_training_schedule_runs_every_step_count():
 
 def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
     """A head width that does not divide 64 would narrow the experts; a high-noise share outside
-    (0, 1) would starve one expert: both are refused by name."""
+    (0, 1) would starve one expert; a flow shift of 0 or less would put every sigma at 0 or out of
+    [0, 1]: all are refused by name."""
     from quant.pipeline.models import build_t2v_shapes_untrained
     from quant.pipeline.train_shapes import train_denoisers
 
@@ -297,6 +298,9 @@ def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
             train_denoisers(None, None, [], 1, 2, 1e-3, None, None, [], high_share=share)
     with pytest.raises(ValueError, match="target must be 'stf' or 'sample', got 'x0'"):
         train_denoisers(None, None, [], 1, 2, 1e-3, None, None, [], target="x0")
+    for shift in (0.0, -3.0):
+        with pytest.raises(ValueError, match=f"train_shift must be a positive flow shift, got {shift}"):
+            train_denoisers(None, None, [], 1, 2, 1e-3, None, None, [], train_shift=shift)
 
 
 def test_make_weights_defaults_are_the_shipped_checkpoints_recipe():
@@ -315,7 +319,8 @@ def test_make_weights_defaults_are_the_shipped_checkpoints_recipe():
                 "steps": "denoiser_steps", "batch": "denoiser_batch", "clips": "clips_per_combination",
                 "lr": "denoiser_lr", "patch": "patch", "temporal_patch": "temporal_patch", "layers": "layers",
                 "head_dim": "head_dim", "high_share": "high_noise_share", "target": "denoiser_target",
-                "object_weight": "object_weight", "sample_shift": "sample_shift"}
+                "object_weight": "object_weight", "sample_shift": "sample_shift",
+                "train_shift": "train_shift"}
     assert {flag: args[flag] for flag in recorded} == {flag: info[key] for flag, key in recorded.items()}
     assert args["vae_from"] is None and info["vae_from"] is None
     scheduler = json.loads((models.SHAPES_WEIGHTS / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
