@@ -16,7 +16,8 @@ Two phases, both on CPU:
    one token), which is what made their objects move coherently (``build_t2v_shapes_untrained``).
 
 The saved scheduler samples with flow shift 8 (``--sample-shift``); training draws its sigmas at
-the untrained pipeline's shift 3 (``--train-shift``; training at 8 too was worse). Eight steps at shift 8 give the high-noise expert five of them.
+the untrained pipeline's shift 3 (``--train-shift``; training at 8 too was worse). Eight steps at
+shift 8 give the high-noise expert five of them.
 
 The defaults are the committed checkpoint's recipe (6 blocks per expert, 9000 denoiser steps,
 object weight 5): ``make weights`` (seed 0) retrains it, about 41 min expected on 2 cores (Xeon,
