@@ -303,6 +303,29 @@ def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
             train_denoisers(None, None, [], 1, 2, 1e-3, None, None, [], train_shift=shift)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--train-shift", "0"], "argument --train-shift: expected a positive number, got 0"),
+    (["--sample-shift", "-8"], "argument --sample-shift: expected a positive number, got -8"),
+    (["--high-share", "1"], "argument --high-share: expected a share between 0 and 1, got 1"),
+    (["--high-share", "half"], "argument --high-share: expected a share between 0 and 1, got 'half'"),
+    (["--batch", "1"], "argument --batch: expected a whole number >= 2"),
+    (["--steps", "-1"], "argument --steps: expected a whole number >= 0, got -1"),
+    (["--lr", "nan"], "argument --lr: expected a positive number, got nan"),
+    (["--head-dim", "24"], "argument --head-dim: expected a divisor of the experts' width 64, got 24"),
+    (["--temporal-patch", "2"], "argument --temporal-patch: expected a divisor of the latent frame count 5, got 2"),
+])
+def test_make_weights_refuses_a_bad_option_before_training(argv, message, capsys, tmp_path):
+    """``make weights`` with a bad option stops at once with a usage error (exit 2) that names the
+    flag, instead of raising after the VAE phases and clip encoding (minutes) have run."""
+    from quant.pipeline.train_shapes import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--out", str(tmp_path / "weights")])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "weights").exists()
+
+
 def test_make_weights_defaults_are_the_shipped_checkpoints_recipe():
     """``make weights`` (the script's defaults, seed 0) must retrain the committed checkpoint: its
     command-line defaults are what ``training.json`` records, and the untrained architecture's

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from metrics.shapes_world import BACKGROUND, all_specs, render_video
-from quant.pipeline.models import SHAPES_MODEL, SHAPES_WEIGHTS, build_t2v_shapes_untrained
+from quant.pipeline.models import SHAPES_DIT_WIDTH, SHAPES_MODEL, SHAPES_WEIGHTS, build_t2v_shapes_untrained
 from quant.pipeline.settings import GenerationSettings
 from quant.pipeline.video_io import to_uint8
 
@@ -415,49 +415,79 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     return info
 
 
+def _checked(convert, test, what: str):
+    """An argparse ``type`` that converts a value and refuses it, by its flag, unless ``test`` holds:
+    a bad ``make weights`` option is a one-line usage error (exit 2) at once, not an error after
+    minutes of VAE training and clip encoding."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
+
+
+_POSITIVE = _checked(float, lambda v: v > 0 and v != float("inf"), "a positive number")
+_NON_NEGATIVE = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+_SHARE = _checked(float, lambda v: 0 < v < 1, "a share between 0 and 1")
+_COUNT = _checked(int, lambda v: v >= 0, "a whole number >= 0")
+_AT_LEAST_ONE = _checked(int, lambda v: v >= 1, "a whole number >= 1")
+_AT_LEAST_TWO = _checked(int, lambda v: v >= 2, "a whole number >= 2 (one sample per expert at least)")
+# The experts' patches tile the 16 x 16 latent places and the 5 latent frames of a 64x64x17 clip.
+_LATENT_FRAMES, _LATENT_SIZE = (FRAMES - 1) // 4 + 1, SIZE // 4
+_PATCH = _checked(int, lambda v: v >= 1 and _LATENT_SIZE % v == 0, f"a divisor of the latent size {_LATENT_SIZE}")
+_TEMPORAL_PATCH = _checked(int, lambda v: v >= 1 and _LATENT_FRAMES % v == 0,
+                           f"a divisor of the latent frame count {_LATENT_FRAMES}")
+_HEAD_DIM = _checked(int, lambda v: v >= 1 and SHAPES_DIT_WIDTH % v == 0,
+                     f"a divisor of the experts' width {SHAPES_DIT_WIDTH}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """``make weights``' command line; its defaults are the committed checkpoint's recipe
     (``tests/test_models.py`` compares them with its ``training.json``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=SHAPES_WEIGHTS, help="checkpoint folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-frame-steps", type=int, default=600,
+    parser.add_argument("--vae-frame-steps", type=_COUNT, default=600,
                         help="single-frame VAE pretraining steps first (a probe: frame-0 shapes and colours 100%% after 600)")
-    parser.add_argument("--vae-frame-batch", type=int, default=16)
-    parser.add_argument("--vae-steps", type=int, default=0,
+    parser.add_argument("--vae-frame-batch", type=_AT_LEAST_ONE, default=16)
+    parser.add_argument("--vae-steps", type=_COUNT, default=0,
                         help="9-frame VAE steps after the single-frame ones (100 took per-frame shapes from 100%% to 44-88%%)")
-    parser.add_argument("--vae-batch", type=int, default=4)
-    parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the 9-frame VAE phase")
-    parser.add_argument("--edge-weight", type=float, default=0.0,
+    parser.add_argument("--vae-batch", type=_AT_LEAST_ONE, default=4)
+    parser.add_argument("--vae-lr", type=_POSITIVE, default=1e-3, help="peak learning rate of the 9-frame VAE phase")
+    parser.add_argument("--edge-weight", type=_NON_NEGATIVE, default=0.0,
                         help="VAE loss: + this x L1 of image gradients (0.5 took frame-0 shape from 40%% to 73%%)")
-    parser.add_argument("--steps", type=int, default=9000, help="denoiser steps")
-    parser.add_argument("--batch", type=int, default=48, help="denoiser batch (half per expert)")
-    parser.add_argument("--clips", type=int, default=16, help="rendered clips per combination for the denoisers")
-    parser.add_argument("--lr", type=float, default=1e-3, help="denoisers' peak learning rate")
+    parser.add_argument("--steps", type=_COUNT, default=9000, help="denoiser steps")
+    parser.add_argument("--batch", type=_AT_LEAST_TWO, default=48, help="denoiser batch (half per expert)")
+    parser.add_argument("--clips", type=_AT_LEAST_ONE, default=16, help="rendered clips per combination for the denoisers")
+    parser.add_argument("--lr", type=_POSITIVE, default=1e-3, help="denoisers' peak learning rate")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="take the VAE of this checkpoint folder as trained (skip the VAE phases)")
-    parser.add_argument("--patch", type=int, default=2, help="the experts' spatial patch (2: 8x8-pixel tokens)")
-    parser.add_argument("--temporal-patch", type=int, default=5,
+    parser.add_argument("--patch", type=_PATCH, default=2, help="the experts' spatial patch (2: 8x8-pixel tokens)")
+    parser.add_argument("--temporal-patch", type=_TEMPORAL_PATCH, default=5,
                         help="the experts' patch along latent frames (5: one token spans all five latent frames of its place)")
-    parser.add_argument("--layers", type=int, default=6, help="blocks per expert")
-    parser.add_argument("--head-dim", type=int, default=16,
+    parser.add_argument("--layers", type=_AT_LEAST_ONE, default=6, help="blocks per expert")
+    parser.add_argument("--head-dim", type=_HEAD_DIM, default=16,
                         help="the experts' attention head width (width 64 in 64 / head-dim heads); RoPE gives H and W "
                              "2 * (head-dim // 6) dims each")
-    parser.add_argument("--high-share", type=float, default=0.5,
+    parser.add_argument("--high-share", type=_SHARE, default=0.5,
                         help="the share of each denoiser batch that trains the high-noise expert")
     parser.add_argument("--target", choices=("stf", "sample"), default="sample",
                         help="denoiser regression target: stf (posterior mean over the prompt's clips) or sample (noise - x0)")
-    parser.add_argument("--object-weight", type=float, default=5.0,
+    parser.add_argument("--object-weight", type=_POSITIVE, default=5.0,
                         help="denoiser loss: the object's latent positions count this many times the background's "
                              "(1: plain MSE; 5 took shape over all 96 prompts from 61.5%% to 74%%)")
-    parser.add_argument("--sample-shift", type=float, default=8.0,
+    parser.add_argument("--sample-shift", type=_POSITIVE, default=8.0,
                         help="the flow shift the checkpoint's scheduler samples with (training keeps shift 3; 8 took the "
                              "reference's shape on the 88 non-eval combinations x seeds 0, 1 from 68%% to 79%%)")
-    parser.add_argument("--train-shift", type=float, default=3.0,
+    parser.add_argument("--train-shift", type=_POSITIVE, default=3.0,
                         help="the flow shift of the sigmas the experts train on (3: the untrained pipeline's; 8, the "
                              "sampling shift, took the reference's shape on the 88 non-eval combinations x seeds 0, 1 "
                              "from 83.5%% to 70.5%%)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=_AT_LEAST_ONE, default=None)
     return parser
 
 
