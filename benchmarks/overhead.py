@@ -19,7 +19,9 @@ writes ``runs/<run-id>``) and sets, per stage group:
 
 A stage's seconds are the sum of its tasks' seconds: with ``executor = "processes"`` or ``"ray"``
 the tasks of a batch overlap, so the stages' total exceeds the run's wall time (both are printed).
-Stages a run reused from its cache are counted as reused, with their (small) time. No
+Stages a run reused from its cache are counted as reused, with their (small) time. Stages whose
+videos the run did not keep (the search's candidates, which ``[search]`` evaluates and deletes)
+are counted as such, and the share of work is taken over the stages whose work was measured. No
 thresholds: compare the shares across commits. The CPU is printed: the run's target's model name
 (``/proc/cpuinfo``, what ``lscpu`` shows), and this machine's where the kernels were re-timed.
 
@@ -68,11 +70,14 @@ def _video_work(run: Path, variant: str) -> tuple[float, dict[str, float], int]:
 
 
 def _metric_work(run: Path, variant: str) -> float:
-    """Seconds of ``score_video`` over ``variant``'s videos against the reference, timed here."""
+    """Seconds of ``score_video`` over ``variant``'s videos against the reference, timed here;
+    NaN when the run did not keep them."""
     from metrics.scores import score_video
     from quant.stages.score import pair_videos
     from quant.pipeline.video_io import read_video
 
+    if not (run / "videos" / variant).is_dir():
+        return float("nan")
     pairs = pair_videos(run / "videos" / "torch", run / "videos" / variant)
     total = 0.0
     for ref_path, cand_path in pairs:
@@ -86,7 +91,7 @@ def _metric_work(run: Path, variant: str) -> float:
 def measure(run: Path, rescore: bool = True) -> dict:
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))
     groups: dict[str, dict] = defaultdict(lambda: {"wall": 0.0, "work": 0.0, "modules": 0.0, "stages": 0,
-                                                   "reused": 0, "videos": 0})
+                                                   "reused": 0, "videos": 0, "measured_wall": 0.0, "not_kept": 0})
     per_module: dict[str, float] = defaultdict(float)
     if rescore:  # the kernels' first call loads numba's cache; not the stage's work
         from metrics.scores import score_video
@@ -105,13 +110,22 @@ def measure(run: Path, rescore: bool = True) -> dict:
             continue
         if group_name == "generate":
             pipeline, modules, count = _video_work(run, variant)
+            if pipeline != pipeline:  # NaN: no manifest, the run did not keep these videos
+                group["not_kept"] += 1
+                continue
             group["work"] += pipeline
+            group["measured_wall"] += seconds
             group["modules"] += sum(modules.values())
             group["videos"] += count
             for module, seconds in modules.items():
                 per_module[module] += seconds
         elif group_name == "score" and rescore:
-            group["work"] += _metric_work(run, variant)
+            work = _metric_work(run, variant)
+            if work != work:
+                group["not_kept"] += 1
+                continue
+            group["work"] += work
+            group["measured_wall"] += seconds
     started = datetime.fromisoformat(results["started"])
     finished = datetime.fromisoformat(results["finished"])
     total = (finished - started).total_seconds()
@@ -133,15 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = measure(args.run, args.rescore)
     print(f"CPU: {report['cpu']}; target {report['target']}; run {report['run']}")
-    print(f"{'stage':<10} {'stages':>6} {'reused':>6} {'stage s':>8} {'work s':>8} {'share':>6}  work is")
+    print(f"{'stage':<12} {'stages':>6} {'reused':>6} {'stage s':>8} {'work s':>8} {'share':>6}  work is")
     what = {"generate": "pipeline calls (module calls alone: {modules:.1f} s over {videos} videos)",
             "score": "metric kernels (PSNR, SSIM RGB + luma, temporal), timed again"}
     for name, g in sorted(report["groups"].items(), key=lambda kv: -kv[1]["wall"]):
         has_work = name in what and (name != "score" or args.rescore)
         work = f"{g['work']:8.1f}" if has_work else f"{'-':>8}"
-        share = f"{g['work'] / g['wall']:6.0%}" if has_work and g["wall"] > 0 else f"{'-':>6}"
+        share = f"{g['work'] / g['measured_wall']:6.0%}" if has_work and g["measured_wall"] > 0 else f"{'-':>6}"
         note = what[name].format(**g) if has_work else "wall time only"
-        print(f"{name:<10} {g['stages']:>6} {g['reused']:>6} {g['wall']:8.1f} {work} {share}  {note}")
+        if has_work and g["not_kept"]:
+            note += f"; {g['not_kept']} stage(s) whose videos the run did not keep (search candidates): not in work or share"
+        print(f"{name:<12} {g['stages']:>6} {g['reused']:>6} {g['wall']:8.1f} {work} {share}  {note}")
     calls = ", ".join(f"{m} {v:.1f} s" for m, v in sorted(report["module_call_seconds"].items(), key=lambda kv: -kv[1]))
     print(f"generate's module calls by module: {calls}")
     print("largest stages: " + ", ".join(f"{name} {seconds:.1f} s" for seconds, name in report["largest_stages"]))
