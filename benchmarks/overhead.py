@@ -117,8 +117,8 @@ def measure(run: Path, rescore: bool = True) -> dict:
             group["measured_wall"] += seconds
             group["modules"] += sum(modules.values())
             group["videos"] += count
-            for module, seconds in modules.items():
-                per_module[module] += seconds
+            for module, module_seconds in modules.items():
+                per_module[module] += module_seconds
         elif group_name == "score" and rescore:
             work = _metric_work(run, variant)
             if work != work:
