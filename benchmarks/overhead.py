@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a finished run folder (with results.json)")
     parser.add_argument("--no-rescore", dest="rescore", action="store_false",
                         help="do not time the metric kernels again (score has no 'work' column then)")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="folder for the JSON record (default benchmarks/results)")
     args = parser.parse_args(argv)
     if not (args.run / "results.json").is_file():
         print(f"{args.run}: not a finished run folder (no results.json)", file=sys.stderr)
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print("largest stages: " + ", ".join(f"{name} {seconds:.1f} s" for seconds, name in report["largest_stages"]))
     print(f"stages {report['stage_seconds']:.1f} s in all; the run's wall from start to results.json "
           f"{report['total_seconds']:.0f} s (the report stage comes after results.json)")
-    out = ROOT / "benchmarks" / "results" / f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.results / f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")

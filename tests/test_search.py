@@ -235,7 +235,7 @@ def test_inc_autotune_is_compared_on_the_same_video_metric(searched):
     assert "neural-compressor" in (run_dir / "report.html").read_text()
 
 
-def test_overhead_benchmark_reads_a_run_whose_search_deleted_its_candidates_videos(searched):
+def test_overhead_benchmark_reads_a_run_whose_search_deleted_its_candidates_videos(searched, tmp_path):
     """``benchmarks/overhead.py`` on a run with a search: the candidates' stages are in
     ``results.json`` but their videos were deleted; it says so and measures the rest (it used to
     stop with "candidate folder not found")."""
@@ -243,10 +243,12 @@ def test_overhead_benchmark_reads_a_run_whose_search_deleted_its_candidates_vide
     candidates = [s["name"] for s in results["stages"] if s["name"].startswith("score:")
                   and not (run_dir / "videos" / s["name"].partition(":")[2]).is_dir()]
     assert candidates  # the condition this test is about
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "overhead.py"), str(run_dir)],
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "overhead.py"), str(run_dir),
+                           "--results", str(tmp_path)],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("generate ", "score "))}
     for name in ("generate", "score"):
         assert "whose videos the run did not keep" in rows[name] and "nan" not in rows[name]
     assert f"{len(candidates)} stage(s)" in rows["score"]
+    assert len(list(tmp_path.glob("overhead-*.json"))) == 1
