@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -110,7 +111,7 @@ def measure(run: Path, rescore: bool = True) -> dict:
             continue
         if group_name == "generate":
             pipeline, modules, count = _video_work(run, variant)
-            if pipeline != pipeline:  # NaN: no manifest, the run did not keep these videos
+            if math.isnan(pipeline):  # no manifest: the run did not keep these videos
                 group["not_kept"] += 1
                 continue
             group["work"] += pipeline
@@ -121,7 +122,7 @@ def measure(run: Path, rescore: bool = True) -> dict:
                 per_module[module] += module_seconds
         elif group_name == "score" and rescore:
             work = _metric_work(run, variant)
-            if work != work:
+            if math.isnan(work):
                 group["not_kept"] += 1
                 continue
             group["work"] += work

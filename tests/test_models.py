@@ -314,11 +314,16 @@ def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
     (["--head-dim", "24"], "argument --head-dim: expected a divisor of the experts' width 64, got 24"),
     (["--temporal-patch", "2"], "argument --temporal-patch: expected a divisor of the latent frame count 5, got 2"),
 ])
-def test_make_weights_refuses_a_bad_option_before_training(argv, message, capsys, tmp_path):
+def test_make_weights_refuses_a_bad_option_before_training(argv, message, capsys, tmp_path, monkeypatch):
     """``make weights`` with a bad option stops at once with a usage error (exit 2) that names the
     flag, instead of raising after the VAE phases and clip encoding (minutes) have run."""
+    from quant.pipeline import train_shapes
     from quant.pipeline.train_shapes import main
 
+    def no_training(*args, **kwargs):  # a check that is missing fails here, not minutes into training
+        raise AssertionError(f"{argv}: training started")
+
+    monkeypatch.setattr(train_shapes, "train", no_training)
     with pytest.raises(SystemExit) as stop:
         main([*argv, "--out", str(tmp_path / "weights")])
     assert stop.value.code == 2
