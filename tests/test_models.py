@@ -287,7 +287,8 @@ def test_training_schedule_runs_every_step_count():
 def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
     """A head width that does not divide 64 would narrow the experts; a high-noise share outside
     (0, 1) would starve one expert; a flow shift of 0 or less would put every sigma at 0 or out of
-    [0, 1]: all are refused by name."""
+    [0, 1], an infinite one every sigma at NaN: all are refused by name, by the same predicates
+    ``make weights``' options are checked with."""
     from quant.pipeline.models import build_t2v_shapes_untrained
     from quant.pipeline.train_shapes import train_denoisers
 
@@ -298,8 +299,8 @@ def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
             train_denoisers(None, None, [], 1, 2, 1e-3, None, None, [], high_share=share)
     with pytest.raises(ValueError, match="target must be 'stf' or 'sample', got 'x0'"):
         train_denoisers(None, None, [], 1, 2, 1e-3, None, None, [], target="x0")
-    for shift in (0.0, -3.0):
-        with pytest.raises(ValueError, match=f"train_shift must be a positive flow shift, got {shift}"):
+    for shift in (0.0, -3.0, float("inf"), float("nan")):  # inf would make every sigma NaN
+        with pytest.raises(ValueError, match=f"train_shift must be a positive, finite flow shift, got {shift}"):
             train_denoisers(None, None, [], 1, 2, 1e-3, None, None, [], train_shift=shift)
 
 

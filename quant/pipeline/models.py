@@ -179,6 +179,12 @@ SHAPES_TEXT_DIM = 64
 SHAPES_DIT_WIDTH = 64  # the experts' hidden width: heads x head_dim
 
 
+def head_dim_fits(head_dim: int) -> bool:
+    """Whether heads of ``head_dim`` tile the shapes experts' width (``build_t2v_shapes_untrained``'s
+    rule, also ``make weights``' check of ``--head-dim``)."""
+    return head_dim >= 1 and SHAPES_DIT_WIDTH % head_dim == 0
+
+
 def build_t2v_shapes_untrained(seed: int = 0, patch: int = 2, layers: int = 6, head_dim: int = 16,
                                temporal_patch: int = 5):
     """The architecture of ``wan2.2-t2v-shapes`` with seeded, untrained weights (training starts here).
@@ -203,7 +209,7 @@ def build_t2v_shapes_untrained(seed: int = 0, patch: int = 2, layers: int = 6, h
     """
     from diffusers import AutoencoderKLWan, WanPipeline
 
-    if head_dim <= 0 or SHAPES_DIT_WIDTH % head_dim:
+    if not head_dim_fits(head_dim):
         raise ValueError(f"head_dim must divide the experts' width {SHAPES_DIT_WIDTH}, got {head_dim}")
     heads = SHAPES_DIT_WIDTH // head_dim
 

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from metrics.shapes_world import BACKGROUND, all_specs, render_video
-from quant.pipeline.models import SHAPES_DIT_WIDTH, SHAPES_MODEL, SHAPES_WEIGHTS, build_t2v_shapes_untrained
+from quant.pipeline.models import (SHAPES_DIT_WIDTH, SHAPES_MODEL, SHAPES_WEIGHTS, build_t2v_shapes_untrained,
+                                   head_dim_fits)
 from quant.pipeline.settings import GenerationSettings
 from quant.pipeline.video_io import to_uint8
 
@@ -245,10 +246,10 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
     the untrained pipeline's 3); a larger one puts more of each expert's steps near the top of its range."""
     if target not in ("stf", "sample"):
         raise ValueError(f"target must be 'stf' or 'sample', got {target!r}")
-    if not 0.0 < high_share < 1.0:
+    if not is_share(high_share):
         raise ValueError(f"high_share must be between 0 and 1, got {high_share}")
-    if train_shift is not None and not train_shift > 0:
-        raise ValueError(f"train_shift must be a positive flow shift, got {train_shift}")
+    if train_shift is not None and not is_positive(train_shift):
+        raise ValueError(f"train_shift must be a positive, finite flow shift, got {train_shift}")
     tokens = pipe.tokenizer(sorted(set(prompts)) + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True,
                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     index = {p: i for i, p in enumerate(sorted(set(prompts)) + [""])}
@@ -430,9 +431,20 @@ def _checked(convert, test, what: str):
     return parse
 
 
-_POSITIVE = _checked(float, lambda v: v > 0 and v != float("inf"), "a positive number")
+def is_positive(value: float) -> bool:
+    """A finite number above 0 (a learning rate, a weight, a flow shift)."""
+    return 0 < value < float("inf")
+
+
+def is_share(value: float) -> bool:
+    """A share of a batch strictly between 0 and 1 (each expert gets part of it)."""
+    return 0 < value < 1
+
+
+# The command line refuses what the functions below would refuse, with the same predicates.
+_POSITIVE = _checked(float, is_positive, "a positive number")
 _NON_NEGATIVE = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
-_SHARE = _checked(float, lambda v: 0 < v < 1, "a share between 0 and 1")
+_SHARE = _checked(float, is_share, "a share between 0 and 1")
 _COUNT = _checked(int, lambda v: v >= 0, "a whole number >= 0")
 _AT_LEAST_ONE = _checked(int, lambda v: v >= 1, "a whole number >= 1")
 _AT_LEAST_TWO = _checked(int, lambda v: v >= 2, "a whole number >= 2 (one sample per expert at least)")
@@ -441,7 +453,7 @@ _LATENT_FRAMES, _LATENT_SIZE = (FRAMES - 1) // 4 + 1, SIZE // 4
 _PATCH = _checked(int, lambda v: v >= 1 and _LATENT_SIZE % v == 0, f"a divisor of the latent size {_LATENT_SIZE}")
 _TEMPORAL_PATCH = _checked(int, lambda v: v >= 1 and _LATENT_FRAMES % v == 0,
                            f"a divisor of the latent frame count {_LATENT_FRAMES}")
-_HEAD_DIM = _checked(int, lambda v: v >= 1 and SHAPES_DIT_WIDTH % v == 0,
+_HEAD_DIM = _checked(int, head_dim_fits,
                      f"a divisor of the experts' width {SHAPES_DIT_WIDTH}")
 
 
