@@ -441,7 +441,7 @@ def is_share(value: float) -> bool:
     return 0 < value < 1
 
 
-# The command line refuses what the functions below would refuse, with the same predicates.
+# The command line refuses what train_denoisers and build_t2v_shapes_untrained would refuse, with the same predicates.
 _POSITIVE = _checked(float, is_positive, "a positive number")
 _NON_NEGATIVE = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 _SHARE = _checked(float, is_share, "a share between 0 and 1")
