@@ -305,13 +305,14 @@ def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--train-shift", "0"], "argument --train-shift: expected a positive number, got 0"),
-    (["--sample-shift", "-8"], "argument --sample-shift: expected a positive number, got -8"),
+    (["--train-shift", "0"], "argument --train-shift: expected a positive, finite number, got 0"),
+    (["--sample-shift", "-8"], "argument --sample-shift: expected a positive, finite number, got -8"),
     (["--high-share", "1"], "argument --high-share: expected a share between 0 and 1, got 1"),
     (["--high-share", "half"], "argument --high-share: expected a share between 0 and 1, got 'half'"),
     (["--batch", "1"], "argument --batch: expected a whole number >= 2"),
     (["--steps", "-1"], "argument --steps: expected a whole number >= 0, got -1"),
-    (["--lr", "nan"], "argument --lr: expected a positive number, got nan"),
+    (["--lr", "nan"], "argument --lr: expected a positive, finite number, got nan"),
+    (["--object-weight", "inf"], "argument --object-weight: expected a positive, finite number, got inf"),
     (["--head-dim", "24"], "argument --head-dim: expected a divisor of the experts' width 64, got 24"),
     (["--temporal-patch", "2"], "argument --temporal-patch: expected a divisor of the latent frame count 5, got 2"),
 ])

@@ -177,6 +177,7 @@ SHAPES_MODEL = "wan2.2-t2v-shapes"
 SHAPES_WEIGHTS = Path(__file__).resolve().parent / "weights" / SHAPES_MODEL
 SHAPES_TEXT_DIM = 64
 SHAPES_DIT_WIDTH = 64  # the experts' hidden width: heads x head_dim
+SHAPES_TRAIN_SHIFT = 3.0  # the untrained pipeline's flow shift, which the experts' training sigmas keep
 
 
 def head_dim_fits(head_dim: int) -> bool:
@@ -221,7 +222,7 @@ def build_t2v_shapes_untrained(seed: int = 0, patch: int = 2, layers: int = 6, h
             base_dim=16, z_dim=16, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
             latents_mean=[0.0] * 16, latents_std=[1.0] * 16, scale_factor_spatial=4,
         )),
-        scheduler=_scheduler(flow_shift=3.0),
+        scheduler=_scheduler(flow_shift=SHAPES_TRAIN_SHIFT),
         transformer=_seeded(seed + 3, lambda: _transformer(16, heads=heads, head_dim=head_dim, ffn_dim=128,
                                                            layers=layers, text_dim=SHAPES_TEXT_DIM, patch=patch,
                                                            temporal_patch=temporal_patch)),

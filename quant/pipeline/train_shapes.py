@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from metrics.shapes_world import BACKGROUND, all_specs, render_video
-from quant.pipeline.models import (SHAPES_DIT_WIDTH, SHAPES_MODEL, SHAPES_WEIGHTS, build_t2v_shapes_untrained,
-                                   head_dim_fits)
+from quant.pipeline.models import (SHAPES_DIT_WIDTH, SHAPES_MODEL, SHAPES_TRAIN_SHIFT, SHAPES_WEIGHTS,
+                                   build_t2v_shapes_untrained, head_dim_fits)
 from quant.pipeline.settings import GenerationSettings
 from quant.pipeline.video_io import to_uint8
 
@@ -327,7 +327,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
           vae_frame_batch: int = 16, vae_lr: float = 3e-3, edge_weight: float = 0.0,
           vae_from: Path | None = None, dit_lr: float = 1e-3, patch: int = 2, layers: int = 6, head_dim: int = 16,
           high_share: float = 0.5, target: str = "sample", temporal_patch: int = 5, object_weight: float = 5.0,
-          sample_shift: float | None = 8.0, train_shift: float = 3.0) -> dict:
+          sample_shift: float | None = 8.0, train_shift: float = SHAPES_TRAIN_SHIFT) -> dict:
     """Train and write the checkpoint folder ``out`` (atomically); returns ``training.json``'s content.
 
     ``vae_from``: a checkpoint folder whose VAE is taken as trained (its VAE phases are skipped),
@@ -442,7 +442,7 @@ def is_share(value: float) -> bool:
 
 
 # The command line refuses what train_denoisers and build_t2v_shapes_untrained would refuse, with the same predicates.
-_POSITIVE = _checked(float, is_positive, "a positive number")
+_POSITIVE = _checked(float, is_positive, "a positive, finite number")
 _NON_NEGATIVE = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 _SHARE = _checked(float, is_share, "a share between 0 and 1")
 _COUNT = _checked(int, lambda v: v >= 0, "a whole number >= 0")
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-shift", type=_POSITIVE, default=8.0,
                         help="the flow shift the checkpoint's scheduler samples with (training keeps shift 3; 8 took the "
                              "reference's shape on the 88 non-eval combinations x seeds 0, 1 from 68%% to 79%%)")
-    parser.add_argument("--train-shift", type=_POSITIVE, default=3.0,
+    parser.add_argument("--train-shift", type=_POSITIVE, default=SHAPES_TRAIN_SHIFT,
                         help="the flow shift of the sigmas the experts train on (3: the untrained pipeline's; 8, the "
                              "sampling shift, took the reference's shape on the 88 non-eval combinations x seeds 0, 1 "
                              "from 83.5%% to 70.5%%)")
