@@ -475,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=_COUNT, default=9000, help="denoiser steps")
     parser.add_argument("--batch", type=_AT_LEAST_TWO, default=48, help="denoiser batch (half per expert)")
     parser.add_argument("--clips", type=_AT_LEAST_ONE, default=16, help="rendered clips per combination for the denoisers")
-    parser.add_argument("--lr", type=_POSITIVE, default=1e-3, help="denoisers' peak learning rate")
+    parser.add_argument("--lr", type=_POSITIVE, default=1e-3,
+                        help="denoisers' peak learning rate (2e-3 lowered the training loss and took the reference's "
+                             "shape on the 88 non-eval combinations x seeds 0, 1 from 83.5%% to 67.6%%)")
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="take the VAE of this checkpoint folder as trained (skip the VAE phases)")
     parser.add_argument("--patch", type=_PATCH, default=2, help="the experts' spatial patch (2: 8x8-pixel tokens)")
