@@ -107,13 +107,25 @@ REPO = Path(__file__).resolve().parent.parent
 COST = ("seconds", "rss", "model_mb", "speedup", "videos_timed", "warmup")
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT at its default, as a terminal's command has it. Where the
+    suite itself was started in the background (``make test &``, ``nohup``), SIGINT is ignored and
+    children inherit that; the CLI then rightly keeps ignoring Ctrl-C, which a test of Ctrl-C must
+    not be run under."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(config: Path, out: Path, *extra: str):
-    """``quant-audit run --config CONFIG --out OUT ...`` as a child process (``subprocess.Popen``)."""
+    """``quant-audit run --config CONFIG --out OUT ...`` as a child process (``subprocess.Popen``),
+    with SIGINT as a terminal gives it (:func:`_as_from_a_terminal`)."""
     import subprocess
     import sys
 
     return subprocess.Popen([sys.executable, "-m", "quant.cli", "run", "--config", str(config), "--out", str(out), *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
 
 
 def audit_outcome(out: Path) -> tuple[dict, dict]:
