@@ -313,6 +313,7 @@ def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
     (["--steps", "-1"], "argument --steps: expected a whole number >= 0, got -1"),
     (["--lr", "nan"], "argument --lr: expected a positive, finite number, got nan"),
     (["--object-weight", "inf"], "argument --object-weight: expected a positive, finite number, got inf"),
+    (["--edge-weight", "inf"], "argument --edge-weight: expected a finite number >= 0, got inf"),
     (["--head-dim", "24"], "argument --head-dim: expected a divisor of the experts' width 64, got 24"),
     (["--temporal-patch", "2"], "argument --temporal-patch: expected a divisor of the latent frame count 5, got 2"),
 ])

@@ -443,7 +443,7 @@ def is_share(value: float) -> bool:
 
 # The command line refuses what train_denoisers and build_t2v_shapes_untrained would refuse, with the same predicates.
 _POSITIVE = _checked(float, is_positive, "a positive, finite number")
-_NON_NEGATIVE = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+_NON_NEGATIVE = _checked(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 _SHARE = _checked(float, is_share, "a share between 0 and 1")
 _COUNT = _checked(int, lambda v: v >= 0, "a whole number >= 0")
 _AT_LEAST_ONE = _checked(int, lambda v: v >= 1, "a whole number >= 1")
@@ -495,10 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="denoiser loss: the object's latent positions count this many times the background's "
                              "(1: plain MSE; 5 took shape over all 96 prompts from 61.5%% to 74%%)")
     parser.add_argument("--sample-shift", type=_POSITIVE, default=8.0,
-                        help="the flow shift the checkpoint's scheduler samples with (training keeps shift 3; 8 took the "
-                             "reference's shape on the 88 non-eval combinations x seeds 0, 1 from 68%% to 79%%)")
+                        help=f"the flow shift the checkpoint's scheduler samples with (training keeps shift "
+                             f"{SHAPES_TRAIN_SHIFT:g}; 8 took the reference's shape on the 88 non-eval combinations x "
+                             "seeds 0, 1 from 68%% to 79%%)")
     parser.add_argument("--train-shift", type=_POSITIVE, default=SHAPES_TRAIN_SHIFT,
-                        help="the flow shift of the sigmas the experts train on (3: the untrained pipeline's; 8, the "
+                        help="the flow shift of the sigmas the experts train on (%(default)g: the untrained "
+                             "pipeline's; 8, the "
                              "sampling shift, took the reference's shape on the 88 non-eval combinations x seeds 0, 1 "
                              "from 83.5%% to 70.5%%)")
     parser.add_argument("--threads", type=_AT_LEAST_ONE, default=None)
