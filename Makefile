@@ -30,8 +30,9 @@ demo: $(STAMP)
 # Train wan2.2-t2v-shapes from its seed on clips the package renders: about 41 min on 2 cores (Xeon,
 # AVX-512). The result replaces quant/pipeline/weights/wan2.2-t2v-shapes/ atomically: the checkpoint
 # the default audit (audit.toml) runs, committed with this script's defaults (README, "Prompt adherence").
+# WEIGHTS_ARGS adds options, e.g. WEIGHTS_ARGS=--compile (faster; other weights than the committed ones).
 weights: $(STAMP)
-	$(PY) -m quant.pipeline.train_shapes --seed 0
+	$(PY) -m quant.pipeline.train_shapes --seed 0 $(WEIGHTS_ARGS)
 
 # ffmpeg is the second, independent PSNR implementation the metric tests check against; chromium
 # loads the HTML report and dashboard in the browser tests; postgresql is the server the team-history

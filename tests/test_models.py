@@ -271,6 +271,33 @@ def test_denoisers_on_a_vae_taken_as_trained_are_those_of_a_whole_run(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
+def test_compiled_denoiser_steps_follow_the_eager_ones_and_repeat_bit_for_bit():
+    """``make weights --compile``: the denoiser phase through ``torch.compile`` draws the same batches,
+    noise and dropout as eager (its losses agree to float rounding) and two compiled runs end with
+    the same weights to the bit; the deterministic-algorithms switch it sets is put back."""
+    from quant.pipeline.models import build_t2v_shapes_untrained
+    from quant.pipeline.train_shapes import train_denoisers
+    from metrics.shapes_world import all_specs
+
+    prompts = [spec.prompt() for spec in all_specs()[:4]]
+    latents = torch.randn(len(prompts), 16, 5, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def run(compile: bool):
+        torch.manual_seed(0)
+        pipe = build_t2v_shapes_untrained(0, layers=1)
+        log: list = []
+        train_denoisers(pipe, latents, prompts, 3, 4, 1e-3, torch.Generator().manual_seed(0),
+                        np.random.default_rng(0), log, compile=compile)
+        return [entry["loss"] for entry in log], pipe.transformer_2.state_dict()
+
+    eager_losses, _ = run(False)
+    losses, weights = run(True)
+    again_losses, again = run(True)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert np.allclose(losses, eager_losses, rtol=1e-4) and losses == again_losses
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
 def test_training_schedule_runs_every_step_count():
     """`--steps 20` once ended a run with ZeroDivisionError inside OneCycleLR (a one-step warm-up)."""
     from quant.pipeline.train_shapes import one_cycle
@@ -354,6 +381,7 @@ def test_make_weights_defaults_are_the_shipped_checkpoints_recipe():
                 "train_shift": "train_shift"}
     assert {flag: args[flag] for flag in recorded} == {flag: info[key] for flag, key in recorded.items()}
     assert args["vae_from"] is None and info["vae_from"] is None
+    assert args["compile"] is False and not info.get("compiled")  # eager: --compile gives other bits
     scheduler = json.loads((models.SHAPES_WEIGHTS / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
     assert scheduler["flow_shift"] == args["sample_shift"]
     shipped = json.loads((models.SHAPES_WEIGHTS / "transformer" / "config.json").read_text(encoding="utf-8"))

@@ -34,6 +34,7 @@ losses, versions, time). Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -226,11 +227,30 @@ def posterior_x0(xt: torch.Tensor, sigma: torch.Tensor, own: torch.Tensor, laten
     return out
 
 
+@contextlib.contextmanager
+def _compiling(enabled: bool):
+    """While ``enabled``: inductor draws random numbers from ATen's generator as eager does, and
+    only deterministic kernels run (what makes a compiled run repeat bit for bit on one machine;
+    measured: without it, two compiled runs of the same 40 steps ended with different weights)."""
+    if not enabled:
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with inductor_config.patch(fallback_random=True):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
 def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int, batch: int, lr: float,
                     generator: torch.Generator, rng: np.random.Generator, log: list, ema_decay: float = 0.998,
                     high_share: float = 0.5, target: str = "sample", unconditional_refs: int = 512,
                     object_weight: float = 1.0, background: torch.Tensor | None = None,
-                    train_shift: float | None = None) -> None:
+                    train_shift: float | None = None, compile: bool = False) -> None:
     """Flow matching of the text encoder and both experts; ``high_share`` of each batch goes to the
     high-noise expert (``transformer``), the rest to ``transformer_2`` (each gets one sample at least).
 
@@ -243,7 +263,13 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
     difference) counts that many times the rest's.
 
     ``train_shift``: the flow shift of the sigmas each expert draws (None: the pipeline's scheduler's,
-    the untrained pipeline's 3); a larger one puts more of each expert's steps near the top of its range."""
+    the untrained pipeline's 3); a larger one puts more of each expert's steps near the top of its range.
+
+    ``compile``: the text encoder's and the experts' passes run through ``torch.compile`` (inductor's
+    C++ kernels fuse the many small elementwise ops, RoPE's among them, that a step of these tiny
+    networks spends most of its time in). The same random numbers are drawn (dropout takes ATen's
+    generator, ``fallback_random``) and kernels are deterministic, so a run repeats bit for bit on
+    one machine; the float rounding differs from eager's, so the weights differ from an eager run's."""
     if target not in ("stf", "sample"):
         raise ValueError(f"target must be 'stf' or 'sample', got {target!r}")
     if not is_share(high_share):
@@ -258,6 +284,7 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
     by_row = {int(r): torch.nonzero(prompt_rows == r).flatten() for r in prompt_rows.unique()}
     modules = {"text_encoder": pipe.text_encoder, "transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
     emas = {name: copy.deepcopy(m).eval().requires_grad_(False) for name, m in modules.items()}
+    calls = {name: torch.compile(m, dynamic=False) if compile else m for name, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
     for m in modules.values():
         m.train().requires_grad_(True)
@@ -269,54 +296,55 @@ def train_denoisers(pipe, latents: torch.Tensor, prompts: list[str], steps: int,
     boundary = pipe.config.boundary_ratio
     shift = pipe.scheduler.config.flow_shift if train_shift is None else train_shift
     u_boundary = boundary / (shift - boundary * (shift - 1))
-    for step in (bar := tqdm(range(steps), desc="denoisers", unit="step")):
-        pick = torch.from_numpy(rng.integers(0, len(latents), size=batch))
-        x0 = latents[pick]
-        rows = prompt_rows[pick].clone()
-        rows[torch.from_numpy(rng.random(batch) < 0.1)] = empty_row
-        emb = _encode_text(pipe.text_encoder, tokens.input_ids[rows], tokens.attention_mask[rows])
-        u = torch.rand(batch, generator=generator)
-        u[:half] = u_boundary + u[:half] * (1.0 - u_boundary)  # transformer: at or above the boundary
-        u[half:] = u[half:] * u_boundary  # transformer_2: below it
-        sigma = shift * u / (1 + (shift - 1) * u)
-        noise = torch.randn(x0.shape, generator=generator)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
-        if target == "stf":
-            groups = []
-            for i, row in zip(pick.tolist(), rows.tolist()):
-                if row == empty_row:  # unconditional: a random subset of all clips, this one included
-                    others = torch.from_numpy(rng.choice(len(latents), size=min(unconditional_refs, len(latents)),
-                                                         replace=False))
-                    groups.append(torch.cat([torch.tensor([i]), others[others != i]]))
-                else:
-                    groups.append(by_row[row])
-            goal = (xt - posterior_x0(xt, sigma, pick, latents, groups)) / s
-        else:
-            goal = noise - x0
-        weight = None
-        if object_weight != 1.0:
-            far = (x0 - background).abs().sum(dim=1, keepdim=True)
-            weight = 1.0 + (object_weight - 1.0) * (far > 0.25 * far.amax(dim=(2, 3, 4), keepdim=True)).float()
-        loss = 0.0
-        for name, part in (("transformer", slice(0, half)), ("transformer_2", slice(half, batch))):
-            pred = modules[name](hidden_states=xt[part], timestep=sigma[part] * 1000, encoder_hidden_states=emb[part],
-                                 return_dict=False)[0]
-            if weight is None:
-                loss = loss + F.mse_loss(pred, goal[part]) / 2
+    with _compiling(compile):
+        for step in (bar := tqdm(range(steps), desc="denoisers", unit="step")):
+            pick = torch.from_numpy(rng.integers(0, len(latents), size=batch))
+            x0 = latents[pick]
+            rows = prompt_rows[pick].clone()
+            rows[torch.from_numpy(rng.random(batch) < 0.1)] = empty_row
+            emb = _encode_text(calls["text_encoder"], tokens.input_ids[rows], tokens.attention_mask[rows])
+            u = torch.rand(batch, generator=generator)
+            u[:half] = u_boundary + u[:half] * (1.0 - u_boundary)  # transformer: at or above the boundary
+            u[half:] = u[half:] * u_boundary  # transformer_2: below it
+            sigma = shift * u / (1 + (shift - 1) * u)
+            noise = torch.randn(x0.shape, generator=generator)
+            s = sigma.view(-1, 1, 1, 1, 1)
+            xt = (1 - s) * x0 + s * noise
+            if target == "stf":
+                groups = []
+                for i, row in zip(pick.tolist(), rows.tolist()):
+                    if row == empty_row:  # unconditional: a random subset of all clips, this one included
+                        others = torch.from_numpy(rng.choice(len(latents), size=min(unconditional_refs, len(latents)),
+                                                             replace=False))
+                        groups.append(torch.cat([torch.tensor([i]), others[others != i]]))
+                    else:
+                        groups.append(by_row[row])
+                goal = (xt - posterior_x0(xt, sigma, pick, latents, groups)) / s
             else:
-                w = weight[part]
-                loss = loss + ((pred - goal[part]).pow(2) * w).mean() / w.mean() / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
-        for name, m in modules.items():
-            _ema_update(emas[name], m, ema_decay if step > steps // 10 else 0.0)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % 50 == 0 or step == steps - 1:
-            log.append({"phase": "denoisers", "step": step, "loss": round(loss.item(), 6)})
+                goal = noise - x0
+            weight = None
+            if object_weight != 1.0:
+                far = (x0 - background).abs().sum(dim=1, keepdim=True)
+                weight = 1.0 + (object_weight - 1.0) * (far > 0.25 * far.amax(dim=(2, 3, 4), keepdim=True)).float()
+            loss = 0.0
+            for name, part in (("transformer", slice(0, half)), ("transformer_2", slice(half, batch))):
+                pred = calls[name](hidden_states=xt[part], timestep=sigma[part] * 1000, encoder_hidden_states=emb[part],
+                                     return_dict=False)[0]
+                if weight is None:
+                    loss = loss + F.mse_loss(pred, goal[part]) / 2
+                else:
+                    w = weight[part]
+                    loss = loss + ((pred - goal[part]).pow(2) * w).mean() / w.mean() / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            schedule.step()
+            for name, m in modules.items():
+                _ema_update(emas[name], m, ema_decay if step > steps // 10 else 0.0)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % 50 == 0 or step == steps - 1:
+                log.append({"phase": "denoisers", "step": step, "loss": round(loss.item(), 6)})
     for name, m in modules.items():
         m.load_state_dict(emas[name].state_dict())
         m.eval().requires_grad_(False)
@@ -327,7 +355,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
           vae_frame_batch: int = 16, vae_lr: float = 3e-3, edge_weight: float = 0.0,
           vae_from: Path | None = None, dit_lr: float = 1e-3, patch: int = 2, layers: int = 6, head_dim: int = 16,
           high_share: float = 0.5, target: str = "sample", temporal_patch: int = 5, object_weight: float = 5.0,
-          sample_shift: float | None = 8.0, train_shift: float = SHAPES_TRAIN_SHIFT) -> dict:
+          sample_shift: float | None = 8.0, train_shift: float = SHAPES_TRAIN_SHIFT, compile: bool = False) -> dict:
     """Train and write the checkpoint folder ``out`` (atomically); returns ``training.json``'s content.
 
     ``vae_from``: a checkpoint folder whose VAE is taken as trained (its VAE phases are skipped),
@@ -382,7 +410,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
     if dit_steps:  # 0: a checkpoint whose VAE is trained, for --vae-from
         train_denoisers(pipe, latents, prompts, dit_steps, dit_batch, dit_lr, generator, rng, log,
                         high_share=high_share, target=target, object_weight=object_weight, background=background,
-                        train_shift=train_shift)
+                        train_shift=train_shift, compile=compile)
     if sample_shift is not None:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=sample_shift)
     seconds = time.monotonic() - started
@@ -394,7 +422,8 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, dit_steps: int, 
         "vae_reconstruction_adherence": vae_check, "vae_from": str(vae_from) if vae_from else None, "denoiser_lr": dit_lr,
         "patch": patch, "temporal_patch": temporal_patch, "layers": layers, "head_dim": head_dim,
         "high_noise_share": high_share, "denoiser_target": target, "object_weight": object_weight,
-        "sample_shift": pipe.scheduler.config.flow_shift, "train_shift": train_shift, "versions": versions(), "log": log,
+        "sample_shift": pipe.scheduler.config.flow_shift, "train_shift": train_shift, "compiled": compile,
+        "versions": versions(), "log": log,
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -503,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "pipeline's; 8, the "
                              "sampling shift, took the reference's shape on the 88 non-eval combinations x seeds 0, 1 "
                              "from 83.5%% to 70.5%%)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the denoiser phase's passes through torch.compile (needs a C++ compiler; faster, "
+                             "repeatable on one machine, other weights than an eager run)")
     parser.add_argument("--threads", type=_AT_LEAST_ONE, default=None)
     return parser
 
@@ -515,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                  patch=args.patch, layers=args.layers, head_dim=args.head_dim,
                  high_share=args.high_share, target=args.target, temporal_patch=args.temporal_patch,
                  object_weight=args.object_weight, sample_shift=args.sample_shift,
-                 train_shift=args.train_shift)
+                 train_shift=args.train_shift, compile=args.compile)
     print(f"wrote {args.out} in {info['seconds'] / 60:.1f} min")
     return 0
 
