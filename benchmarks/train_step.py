@@ -36,7 +36,6 @@ def one_round(compile: bool, steps: int, warmup: int, batch: int) -> float:
     from quant.pipeline import train_shapes
     from quant.pipeline.models import build_t2v_shapes_untrained
 
-    train_shapes.tqdm = partial(train_shapes.tqdm, disable=True)
     torch.manual_seed(0)
     pipe = build_t2v_shapes_untrained(0)
     prompts = [spec.prompt() for spec in all_specs()] * 4
@@ -66,6 +65,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from quant.pipeline import train_shapes
+
+    train_shapes.tqdm = partial(train_shapes.tqdm, disable=True)  # no progress bars inside the timed steps
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; batch {args.batch}, {args.steps} steps a round")
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     for _ in range(args.rounds):

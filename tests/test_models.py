@@ -298,6 +298,22 @@ def test_compiled_denoiser_steps_follow_the_eager_ones_and_repeat_bit_for_bit():
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 
+def test_make_weights_compile_without_a_compiler_is_a_usage_error(capsys, tmp_path, monkeypatch):
+    """``--compile`` where torch.compile finds no C++ compiler stops at once (exit 2, naming the
+    flag), not at the first denoiser step after minutes of VAE training."""
+    import torch._inductor.config as inductor_config
+
+    from quant.pipeline import train_shapes
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
+    monkeypatch.setattr(train_shapes, "train", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as stop:
+        train_shapes.main(["--compile", "--out", str(tmp_path / "weights")])
+    assert stop.value.code == 2
+    assert "argument --compile: torch.compile finds no C++ compiler" in capsys.readouterr().err
+    assert train_shapes.cpp_compiler() is None
+
+
 def test_training_schedule_runs_every_step_count():
     """`--steps 20` once ended a run with ZeroDivisionError inside OneCycleLR (a one-step warm-up)."""
     from quant.pipeline.train_shapes import one_cycle

@@ -539,8 +539,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler ``torch.compile`` would build its CPU kernels with (inductor's own search:
+    ``CXX``, else ``g++``), or None where there is none."""
+    from torch._inductor import exc
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        return get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compile and cpp_compiler() is None:  # else an error at the first denoiser step, minutes in
+        parser.error("argument --compile: torch.compile finds no C++ compiler (install g++, or set CXX)")
     info = train(args.out, args.seed, args.vae_steps, args.vae_batch, args.steps, args.batch, args.clips, args.threads,
                  vae_frame_steps=args.vae_frame_steps, vae_frame_batch=args.vae_frame_batch,
                  vae_lr=args.vae_lr, edge_weight=args.edge_weight, vae_from=args.vae_from, dit_lr=args.lr,
