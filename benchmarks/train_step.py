@@ -4,7 +4,9 @@
 object-weighted loss, 6 blocks per expert at width 64) on random latents of the real shape
 (``[N, 16, 5, 16, 16]``, 4 clips of each of the 96 prompts), alternating eager and compiled rounds
 so that both see the same minutes of this shared machine. Each round builds a fresh pipeline,
-runs ``--warmup`` steps (compilation, the first time, or inductor's cache), then times ``--steps``.
+runs ``--warmup`` steps (compilation, the first time, or inductor's cache), then times ``--steps``
+(one ``train_denoisers`` call: its setup, tokenizing the prompts and copying the weight averages,
+is inside the timed seconds for both modes alike).
 Prints ms a step per round, the medians and the eager / compiled ratio, with the CPU (``lscpu``
 model name) and thread count. No thresholds.
 

@@ -273,8 +273,10 @@ def test_denoisers_on_a_vae_taken_as_trained_are_those_of_a_whole_run(tmp_path):
 
 def test_compiled_denoiser_steps_follow_the_eager_ones_and_repeat_bit_for_bit():
     """``make weights --compile``: the denoiser phase through ``torch.compile`` draws the same batches,
-    noise and dropout as eager (its losses agree to float rounding) and two compiled runs end with
-    the same weights to the bit; the deterministic-algorithms switch it sets is put back."""
+    noise and dropout as eager (its losses agree to float rounding; without ``fallback_random``
+    they differed by 5e-5 to 9e-5) and two compiled runs end with the same weights to the bit (at the
+    recipe's batch 48: without deterministic kernels they did not, where at batch 4 they still
+    did); the deterministic-algorithms switch it sets is put back."""
     from quant.pipeline.models import build_t2v_shapes_untrained
     from quant.pipeline.train_shapes import train_denoisers
     from metrics.shapes_world import all_specs
@@ -286,7 +288,7 @@ def test_compiled_denoiser_steps_follow_the_eager_ones_and_repeat_bit_for_bit():
         torch.manual_seed(0)
         pipe = build_t2v_shapes_untrained(0, layers=1)
         log: list = []
-        train_denoisers(pipe, latents, prompts, 3, 4, 1e-3, torch.Generator().manual_seed(0),
+        train_denoisers(pipe, latents, prompts, 3, 48, 1e-3, torch.Generator().manual_seed(0),
                         np.random.default_rng(0), log, compile=compile)
         return [entry["loss"] for entry in log], pipe.transformer_2.state_dict()
 
@@ -294,7 +296,7 @@ def test_compiled_denoiser_steps_follow_the_eager_ones_and_repeat_bit_for_bit():
     losses, weights = run(True)
     again_losses, again = run(True)
     assert not torch.are_deterministic_algorithms_enabled()
-    assert np.allclose(losses, eager_losses, rtol=1e-4) and losses == again_losses
+    assert np.allclose(losses, eager_losses, rtol=0, atol=1e-5) and losses == again_losses
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
 

@@ -531,9 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "seeds 0, 1 from 68%% to 79%%)")
     parser.add_argument("--train-shift", type=_POSITIVE, default=SHAPES_TRAIN_SHIFT,
                         help="the flow shift of the sigmas the experts train on (%(default)g: the untrained "
-                             "pipeline's; 8, the "
-                             "sampling shift, took the reference's shape on the 88 non-eval combinations x seeds 0, 1 "
-                             "from 83.5%% to 70.5%%)")
+                             "pipeline's; 8, the sampling shift, took the reference's shape on the 88 non-eval "
+                             "combinations x seeds 0, 1 from 83.5%% to 70.5%%)")
     parser.add_argument("--compile", action="store_true",
                         help="run the denoiser phase's passes through torch.compile (needs a C++ compiler; faster, "
                              "repeatable on one machine, other weights than an eager run)")
