@@ -316,6 +316,58 @@ def test_make_weights_compile_without_a_compiler_is_a_usage_error(capsys, tmp_pa
     assert train_shapes.cpp_compiler() is None
 
 
+def test_shape_weights_draw_a_shapes_clips_that_many_times_as_often():
+    """``--shape-weight square=2``: squares' clips twice as likely each as the others', so half of
+    every batch's clips are squares on average where a third were; no weights, uniform draws."""
+    from metrics.shapes_world import all_specs
+    from quant.pipeline.train_shapes import shape_clip_weights, train
+
+    prompts = [spec.prompt() for spec in all_specs()] * 2
+    assert shape_clip_weights(prompts, None) is None and shape_clip_weights(prompts, {}) is None
+    p = shape_clip_weights(prompts, {"square": 2.0})
+    square = np.array([" square " in prompt for prompt in prompts])
+    assert p.sum() == pytest.approx(1.0) and p[square].sum() == pytest.approx(0.5)
+    assert np.allclose(p[square], 2 * p[~square][0]) and np.allclose(p[~square], p[~square][0])
+    draws = np.random.default_rng(0).choice(len(prompts), size=48 * 200, p=p)
+    assert 0.47 < square[draws].mean() < 0.53
+    for bad in ({"hexagon": 2.0}, {"square": 0.0}, {"square": float("inf")}):
+        with pytest.raises(ValueError, match="shape_weights: expected a shape of"):
+            train(None, 0, 0, 1, 0, 2, 1, None, shape_weights=bad)
+
+
+def test_denoiser_batches_draw_by_the_clip_weights():
+    """The weights reach the batches: with all the weight on one clip every sample is that clip;
+    without weights the same seed draws others too."""
+    from metrics.shapes_world import all_specs
+    from quant.pipeline.models import build_t2v_shapes_untrained
+    from quant.pipeline.train_shapes import train_denoisers
+
+    class Recorded:  # numpy's generator, with the clip indices each batch drew kept
+        def __init__(self):
+            self.rng, self.picks = np.random.default_rng(0), []
+
+        def integers(self, *args, **kwargs):
+            self.picks.extend(self.rng.integers(*args, **kwargs).tolist())
+            return np.array(self.picks[-kwargs["size"]:])
+
+        def choice(self, *args, **kwargs):
+            self.picks.extend(self.rng.choice(*args, **kwargs).tolist())
+            return np.array(self.picks[-kwargs["size"]:])
+
+        def random(self, *args, **kwargs):
+            return self.rng.random(*args, **kwargs)
+
+    prompts = [spec.prompt() for spec in all_specs()[:4]]
+    latents = torch.randn(len(prompts), 16, 5, 16, 16, generator=torch.Generator().manual_seed(0))
+    drawn = {}
+    for name, weights in (("uniform", None), ("one clip", np.array([0.0, 1.0, 0.0, 0.0]))):
+        rng = Recorded()
+        train_denoisers(build_t2v_shapes_untrained(0, layers=1), latents, prompts, 2, 4, 1e-3,
+                        torch.Generator().manual_seed(0), rng, [], clip_weights=weights)
+        drawn[name] = set(rng.picks)
+    assert drawn["one clip"] == {1} and len(drawn["uniform"]) > 1
+
+
 def test_training_schedule_runs_every_step_count():
     """`--steps 20` once ended a run with ZeroDivisionError inside OneCycleLR (a one-step warm-up)."""
     from quant.pipeline.train_shapes import one_cycle
@@ -361,6 +413,13 @@ def test_shapes_knobs_refuse_values_that_would_change_the_model_silently():
     (["--edge-weight", "inf"], "argument --edge-weight: expected a finite number >= 0, got inf"),
     (["--head-dim", "24"], "argument --head-dim: expected a divisor of the experts' width 64, got 24"),
     (["--temporal-patch", "2"], "argument --temporal-patch: expected a divisor of the latent frame count 5, got 2"),
+    (["--shape-weight", "hexagon=2"],
+     "argument --shape-weight: expected SHAPE=WEIGHT with SHAPE one of circle, square, triangle, got 'hexagon=2'"),
+    (["--shape-weight", "square"],
+     "argument --shape-weight: expected SHAPE=WEIGHT with SHAPE one of circle, square, triangle, got 'square'"),
+    (["--shape-weight", "square=0"], "argument --shape-weight: expected a positive, finite number, got 0"),
+    (["--shape-weight", "square=2", "--shape-weight", "square=3"],
+     "argument --shape-weight: a shape given twice: square, square"),
 ])
 def test_make_weights_refuses_a_bad_option_before_training(argv, message, capsys, tmp_path, monkeypatch):
     """``make weights`` with a bad option stops at once with a usage error (exit 2) that names the
@@ -400,6 +459,7 @@ def test_make_weights_defaults_are_the_shipped_checkpoints_recipe():
     assert {flag: args[flag] for flag in recorded} == {flag: info[key] for flag, key in recorded.items()}
     assert args["vae_from"] is None and info["vae_from"] is None
     assert args["compile"] is False and not info.get("compiled")  # eager: --compile gives other bits
+    assert args["shape_weight"] == [] and not info.get("shape_weights")  # every clip equally likely
     scheduler = json.loads((models.SHAPES_WEIGHTS / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
     assert scheduler["flow_shift"] == args["sample_shift"]
     shipped = json.loads((models.SHAPES_WEIGHTS / "transformer" / "config.json").read_text(encoding="utf-8"))
