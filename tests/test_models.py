@@ -328,8 +328,6 @@ def test_shape_weights_draw_a_shapes_clips_that_many_times_as_often():
     square = np.array([" square " in prompt for prompt in prompts])
     assert p.sum() == pytest.approx(1.0) and p[square].sum() == pytest.approx(0.5)
     assert np.allclose(p[square], 2 * p[~square][0]) and np.allclose(p[~square], p[~square][0])
-    draws = np.random.default_rng(0).choice(len(prompts), size=48 * 200, p=p)
-    assert 0.47 < square[draws].mean() < 0.53
     for bad in ({"hexagon": 2.0}, {"square": 0.0}, {"square": float("inf")}):
         with pytest.raises(ValueError, match="shape_weights: expected a shape of"):
             train(None, 0, 0, 1, 0, 2, 1, None, shape_weights=bad)
@@ -346,13 +344,15 @@ def test_denoiser_batches_draw_by_the_clip_weights():
         def __init__(self):
             self.rng, self.picks = np.random.default_rng(0), []
 
+        def _kept(self, picks):
+            self.picks.extend(picks.tolist())
+            return picks
+
         def integers(self, *args, **kwargs):
-            self.picks.extend(self.rng.integers(*args, **kwargs).tolist())
-            return np.array(self.picks[-kwargs["size"]:])
+            return self._kept(self.rng.integers(*args, **kwargs))
 
         def choice(self, *args, **kwargs):
-            self.picks.extend(self.rng.choice(*args, **kwargs).tolist())
-            return np.array(self.picks[-kwargs["size"]:])
+            return self._kept(self.rng.choice(*args, **kwargs))
 
         def random(self, *args, **kwargs):
             return self.rng.random(*args, **kwargs)
